@@ -1,0 +1,1 @@
+"""Data: raw arrays from a source, label noise, device-resident batches."""

@@ -1,0 +1,44 @@
+"""The one shape every data source returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class RawData:
+    """Arrays of one dataset, as loaded (before synthetic noise).
+
+    train_images / test_images: uint8, N x H x W x C (C = 1 or 3).
+    train_labels: int64 (N,), the labels training sees (already noisy for CIFAR-N / user data).
+    train_true_labels: int64 (N,) clean labels where known, else None.
+    mean / std: per-channel normalisation in [0, 1] units (length C).
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_true_labels: np.ndarray | None = None
+    name: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[1])
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units of uint8 N x H x W x C images."""
+    flat = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    std = flat.std(axis=0)
+    std[std == 0] = 1.0
+    return tuple(float(v) for v in flat.mean(axis=0)), tuple(float(v) for v in std)
