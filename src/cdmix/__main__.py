@@ -1,0 +1,5 @@
+import sys
+
+from cdmix.cli import main
+
+sys.exit(main())

@@ -1,0 +1,32 @@
+"""Training methods by name. Each is a ``Method`` subclass; the engine builds one with ``build_method``."""
+
+from __future__ import annotations
+
+from cdmix.errors import UserError
+
+
+def method_classes() -> dict[str, type]:
+    from cdmix.methods.dividemix import DivideMix
+    from cdmix.methods.standard import Standard
+
+    classes = {"standard": Standard, "dividemix": DivideMix}
+    try:
+        from cdmix.methods.josrc import JoSRC
+
+        classes["josrc"] = JoSRC
+    except ImportError:
+        pass
+    try:
+        from cdmix.methods.hybrid import Hybrid
+
+        classes["hybrid"] = Hybrid
+    except ImportError:
+        pass
+    return classes
+
+
+def build_method(config, train):
+    classes = method_classes()
+    if config.method not in classes:
+        raise UserError(f"unknown method {config.method!r}; choose one of {', '.join(sorted(classes))}")
+    return classes[config.method](config, train)

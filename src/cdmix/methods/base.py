@@ -1,0 +1,231 @@
+"""What every method shares: its nets and optimizers, evaluation, per-sample losses, state."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cdmix.config import Config
+from cdmix.data.batches import DeviceImages
+from cdmix.models import create_model
+
+
+@dataclass
+class TrainSet:
+    """The training samples a method sees, all on the config's device.
+
+    images: DeviceImages (N samples); labels: int64 (N,) noisy labels; true_labels: int64 (N,) or
+    None; index: int64 numpy (N,) position of each sample in the dataset's training order.
+    """
+
+    images: DeviceImages
+    labels: torch.Tensor
+    true_labels: torch.Tensor | None
+    index: np.ndarray
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class EpochContext:
+    """Per-epoch random sources and switches handed to ``Method.train_epoch``."""
+
+    epoch: int
+    generator: torch.Generator  # on the device: permutations, crops, flips
+    rng: np.random.Generator  # host: MixUp lambda and other scalars
+    progress: bool
+
+
+def autocast(config: Config):
+    """bf16 autocast on CUDA when ``config.amp``; a no-op elsewhere."""
+    if not config.amp:
+        return contextlib.nullcontext()
+    device_type = torch.device(config.device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+
+
+def build_net(config: Config, num_classes: int, in_channels: int) -> torch.nn.Module:
+    net = create_model(config.model, num_classes=num_classes, in_channels=in_channels, width=config.width)
+    net = net.to(config.device)
+    if torch.device(config.device).type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def build_optimizer(config: Config, net: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)
+
+
+def maybe_compile(config: Config, net: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile when asked; fall back to eager with a clear message when it cannot be used."""
+    if not config.compile:
+        return net
+    try:
+        return torch.compile(net)
+    except Exception as exc:  # compile support varies by platform and install
+        print(f"warning: --compile could not be used ({type(exc).__name__}: {exc}); running eagerly")
+        return net
+
+
+class Method:
+    """Base class. A method owns ``nets`` and ``optimizers`` and trains one epoch at a time.
+
+    The engine sets the learning rate, seeds the epoch, evaluates with ``predict_logits`` and saves
+    ``state_dict``; it never needs to know which method runs.
+    """
+
+    name = "base"
+    num_nets = 1
+
+    def __init__(self, config: Config, train: TrainSet):
+        self.config = config
+        self.train = train
+        self.num_classes = train.num_classes
+        in_channels = train.images.shape[1]
+        self.nets = [build_net(config, self.num_classes, in_channels) for _ in range(self.num_nets)]
+        self.optimizers = [build_optimizer(config, net) for net in self.nets]
+        self.last_division: dict[str, np.ndarray] | None = None
+        # Cut by the collapse guard's rollback: scales the lr and the pseudo-label weight.
+        self.damping = 1.0
+
+    # ----- training
+    def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = lr * self.damping
+
+    def on_rollback(self, collapse_count: int) -> None:
+        """After the engine restored the best checkpoint: halve lr and pseudo-label weight per collapse."""
+        self.damping = 0.5 ** collapse_count
+
+    # ----- evaluation
+    def eval_nets(self) -> list[torch.nn.Module]:
+        """The nets used for prediction (a method with teachers or SWA may return others)."""
+        return self.nets
+
+    @torch.inference_mode()
+    def predict_logits(self, images: DeviceImages, batch_size: int) -> list[torch.Tensor]:
+        """Logits of each prediction net on all ``images`` (no augmentation), float32, each N x C."""
+        nets = self.eval_nets()
+        was_training = [net.training for net in nets]
+        for net in nets:
+            net.eval()
+        outputs: list[list[torch.Tensor]] = [[] for _ in nets]
+        n = len(images)
+        with autocast(self.config):
+            for start in range(0, n, batch_size):
+                idx = torch.arange(start, min(start + batch_size, n), device=images.device)
+                x = images.batch(idx, augment=False)
+                for out, net in zip(outputs, nets):
+                    out.append(net(x).float())
+        for net, mode in zip(nets, was_training):
+            net.train(mode)
+        return [torch.cat(out) for out in outputs]
+
+    @torch.inference_mode()
+    def per_sample_losses(self, net: torch.nn.Module) -> torch.Tensor:
+        """CE loss of every training sample against its noisy label, eval mode, no augmentation: (N,)."""
+        was_training = net.training
+        net.eval()
+        losses = []
+        images, labels = self.train.images, self.train.labels
+        n, bs = len(images), self.config.eval_batch_size
+        with autocast(self.config):
+            for start in range(0, n, bs):
+                idx = torch.arange(start, min(start + bs, n), device=images.device)
+                logits = net(images.batch(idx, augment=False)).float()
+                losses.append(F.cross_entropy(logits, labels[idx], reduction="none"))
+        net.train(was_training)
+        return torch.cat(losses)
+
+    def clean_prob(self) -> np.ndarray:
+        """Probability that each training sample's label is clean, from the last division.
+
+        Methods without a division of their own fit the loss GMM on the ensemble's losses now.
+        """
+        if self.last_division is not None and "clean_prob" in self.last_division:
+            return self.last_division["clean_prob"]
+        from cdmix.selection import fit_gmm_clean_prob, minmax_normalise
+
+        losses = torch.stack([self.per_sample_losses(net) for net in self.eval_nets()]).mean(0)
+        norm = minmax_normalise(losses.cpu().numpy())
+        prob, params = fit_gmm_clean_prob(norm, seed=self.config.seed)
+        self.last_division = {"loss_net1": norm, "clean_prob": prob,
+                              "gmm_means": np.asarray(params["means"]),
+                              "gmm_variances": np.asarray(params["variances"]),
+                              "gmm_weights": np.asarray(params["weights"])}
+        return prob
+
+    # ----- state
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {
+            "nets": [net.state_dict() for net in self.nets],
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "last_division": self.last_division,
+            "damping": self.damping,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for net, sd in zip(self.nets, state["nets"]):
+            net.load_state_dict(sd)
+        for opt, sd in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(sd)
+        self.last_division = state.get("last_division")
+        self.damping = state.get("damping", 1.0)
+        self.load_extra_state(state.get("extra", {}))
+
+
+def supervised_epoch(config: Config, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     train: TrainSet, batch_size: int, neg_entropy: bool, ctx: EpochContext,
+                     desc: str) -> float:
+    """One epoch of cross-entropy on the noisy labels (the baseline, and DivideMix's warm-up).
+
+    Returns the mean training loss. ``neg_entropy`` adds the official confidence penalty
+    (+mean Σ p log p) used for asymmetric noise.
+    """
+    from cdmix.losses import neg_entropy_penalty
+
+    net.train()
+    n = len(train)
+    total = torch.zeros((), device=train.labels.device)
+    steps = 0
+    perm = torch.randperm(n, device=train.labels.device, generator=ctx.generator)
+    with progress_bar((n + batch_size - 1) // batch_size, desc, ctx.progress) as bar:
+        for start in range(0, n, batch_size):
+            idx = perm[start:start + batch_size]
+            x = train.images.batch(idx, augment=True, generator=ctx.generator)
+            with autocast(config):
+                logits = net(x)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, train.labels[idx])
+            if neg_entropy:
+                loss = loss + neg_entropy_penalty(logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach()
+            steps += 1
+            bar.update(1)
+    return float(total) / max(steps, 1)

@@ -1,0 +1,179 @@
+"""Tests for the model registry, the three architectures and count_flops (fast, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cdmix.errors import UserError
+from cdmix.models import count_flops, create_model, model_names
+
+# Small widths keep the shape matrix fast; default widths are checked separately.
+_FAST_WIDTH = {"preact_resnet18": 16, "wrn28": 1, "small_cnn": 8}
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registry_lists_models():
+    names = model_names()
+    assert names == sorted(names)
+    assert {"preact_resnet18", "wrn28", "small_cnn"} <= set(names)
+
+
+def test_unknown_name_raises_user_error():
+    with pytest.raises(UserError, match="unknown model 'nope'; choose one of .*preact_resnet18"):
+        create_model("nope", 10)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_bad_sizes_raise_user_error(bad):
+    with pytest.raises(UserError):
+        create_model("small_cnn", bad)
+    with pytest.raises(UserError):
+        create_model("small_cnn", 10, in_channels=bad)
+    with pytest.raises(UserError):
+        create_model("small_cnn", 10, width=bad)
+
+
+@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("num_classes", [10, 100])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_output_shapes(name, num_classes, in_channels):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes, in_channels=in_channels, width=_FAST_WIDTH[name])
+    for size in (8, 32):
+        out = model(torch.randn(2, in_channels, size, size))
+        assert out.shape == (2, num_classes)
+        assert out.dtype == torch.float32
+        assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_default_width_builds_and_runs(name):
+    model = create_model(name, 10)
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_preact_resnet18_param_count():
+    n = _n_params(create_model("preact_resnet18", 10))
+    assert abs(n - 11.17e6) / 11.17e6 < 0.01
+    assert _n_params(create_model("preact_resnet18", 10, width=64)) == n
+
+
+def test_wrn28_param_count():
+    n = _n_params(create_model("wrn28", 10))
+    assert abs(n - 1.47e6) / 1.47e6 < 0.01
+    assert _n_params(create_model("wrn28", 10, width=2)) == n
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_width_scales_params(name):
+    base = _FAST_WIDTH[name]
+    small = _n_params(create_model(name, 10, width=base))
+    big = _n_params(create_model(name, 10, width=2 * base))
+    # Conv weights dominate and grow quadratically with width: roughly 4x, well over 3x.
+    assert 3.0 * small < big < 4.5 * small
+
+
+def test_preact_width_16_stages():
+    model = create_model("preact_resnet18", 10, width=16)
+    assert [model.layer1[0].conv1.out_channels, model.layer2[0].conv1.out_channels,
+            model.layer3[0].conv1.out_channels, model.layer4[0].conv1.out_channels] == [16, 32, 64, 128]
+    assert model.linear.in_features == 128
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_channels_last_matches_contiguous(name):
+    torch.manual_seed(0)
+    model = create_model(name, 10, in_channels=3, width=_FAST_WIDTH[name]).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        model_cl = model.to(memory_format=torch.channels_last)
+        out = model_cl(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_autocast_bf16(name):
+    torch.manual_seed(0)
+    model = create_model(name, 10, in_channels=3, width=_FAST_WIDTH[name])
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out.float()).all()
+    out.float().sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_backward_finite_grads(name):
+    torch.manual_seed(0)
+    model = create_model(name, 10, in_channels=1, width=_FAST_WIDTH[name])
+    x = torch.randn(4, 1, 8, 8)
+    y = torch.tensor([0, 1, 2, 3])
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    for p in model.parameters():
+        assert p.grad is not None
+        assert torch.isfinite(p.grad).all()
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_count_flops_hand_computed():
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, kernel_size=3, padding=1),  # 4x5x5 out, 2*3*3 MACs each
+        nn.ReLU(),
+        nn.Conv2d(4, 4, kernel_size=1, stride=2),  # 4x3x3 out, 4 MACs each
+        nn.Flatten(),
+        nn.Linear(36, 7),
+    )
+    macs = (4 * 5 * 5) * (2 * 3 * 3) + (4 * 3 * 3) * 4 + 36 * 7
+    assert count_flops(model, (2, 5, 5)) == 2 * macs
+    # A leading batch size is ignored: the count is per example.
+    assert count_flops(model, (16, 2, 5, 5)) == 2 * macs
+
+
+def test_count_flops_grouped_conv_and_mode_restored():
+    model = nn.Sequential(nn.Conv2d(4, 8, kernel_size=3, padding=1, groups=2), nn.BatchNorm2d(8)).train()
+    assert count_flops(model, (4, 6, 6)) == 2 * (8 * 6 * 6) * (2 * 3 * 3)
+    assert model.training
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_count_flops_preact_resnet18():
+    model = create_model("preact_resnet18", 10)
+    flops = count_flops(model, (3, 32, 32))
+    assert abs(flops - 2 * 0.557e9) / (2 * 0.557e9) < 0.05
+
+
+def test_small_cnn_learns_digits():
+    datasets = pytest.importorskip("sklearn.datasets")
+    torch.manual_seed(0)
+    digits = datasets.load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    train, test = perm[:1400], perm[1400:]
+    model = create_model("small_cnn", 10, in_channels=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for _ in range(4):
+        model.train()
+        order = train[torch.randperm(len(train), generator=g)]
+        for i in range(0, len(order), 64):
+            b = order[i : i + 64]
+            loss = nn.functional.cross_entropy(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x[test]).argmax(1) == y[test]).float().mean().item()
+    assert acc > 0.9
