@@ -136,6 +136,9 @@ def cmd_noise(args) -> int:
     if not 0.0 <= args.noise_rate <= 1.0:
         raise UserError(f"noise rate must be in [0, 1], got {args.noise_rate}")
     raw = load_source(args.dataset, args.data_path, download=args.download, seed=args.seed)
+    if raw.train_true_labels is not None:
+        raise UserError(f"{args.dataset} already carries human label noise; synthetic noise files are "
+                        "for clean datasets (digits, cifar10, cifar100, folder, csv, npz)")
     noisy = make_noisy_labels(raw.train_labels, raw.num_classes, args.noise_mode, args.noise_rate,
                               args.seed, dataset=args.dataset)
     write_noise_file(args.output, noisy)

@@ -13,7 +13,8 @@ class RawData:
 
     train_images / test_images: uint8, N x H x W x C (C = 1 or 3).
     train_labels: int64 (N,), the labels training sees (already noisy for CIFAR-N / user data).
-    train_true_labels: int64 (N,) clean labels where known, else None.
+    train_true_labels: int64 (N,) clean labels where known, else None (-1 marks an open-set image,
+    whose given label fits no class).
     mean / std: per-channel normalisation in [0, 1] units (length C).
     """
 
@@ -26,6 +27,8 @@ class RawData:
     std: tuple[float, ...]
     train_true_labels: np.ndarray | None = None
     name: str = ""
+    # bool (N,): training images replaced by out-of-distribution ones (``--open-set-rate``), else None.
+    train_is_ood: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:

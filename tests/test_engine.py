@@ -1,0 +1,163 @@
+"""Run folder, exact resume after SIGKILL, clean stop on SIGINT (real tiny runs on digits)."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cdmix
+from cdmix import runs
+from cdmix.config import Config
+from cdmix.engine import lr_at
+from cdmix.errors import UserError
+
+TINY = ["--epochs", "6", "--warmup", "2", "--width", "8", "--no-progress"]
+
+
+def _cdmix(*args, **kwargs):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "cdmix", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
+
+
+def _rows(run_dir: Path):
+    with (run_dir / "metrics.csv").open() as fh:
+        return [{k: v for k, v in row.items() if not k.startswith("seconds")} for row in csv.DictReader(fh)]
+
+
+def _wait_rows(run_dir: Path, n: int, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = run_dir / "metrics.csv"
+        if path.is_file() and path.read_text().count("\n") >= n + 1 and (run_dir / "checkpoint.pt").is_file():
+            return
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.02)
+    raise AssertionError("run did not reach the expected epoch in time")
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = _cdmix("train", *TINY, "--out", str(straight))
+    proc_k = _cdmix("train", *TINY, "--out", str(killed))
+    _wait_rows(killed, 3, proc_k)
+    proc_k.send_signal(signal.SIGKILL)
+    proc_k.wait()
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    assert len(_rows(killed)) < 6
+    resumed = _cdmix("resume", str(killed))
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert "resuming" in out
+    a, b = _rows(straight), _rows(killed)
+    assert len(a) == len(b) == 6
+    assert a == b  # every loss, accuracy and selection figure, to the last bit
+    sa, sb = runs.read_summary(straight), runs.read_summary(killed)
+    assert sa["test_acc_last"] == sb["test_acc_last"] and sa["test_acc_best"] == sb["test_acc_best"]
+    wa = torch.load(straight / "checkpoint.pt", weights_only=False)["method"]["nets"][0]
+    wb = torch.load(killed / "checkpoint.pt", weights_only=False)["method"]["nets"][0]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (straight / "label_issues.csv").read_text() == (killed / "label_issues.csv").read_text()
+
+
+def test_sigint_saves_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    proc = _cdmix("train", *TINY, "--out", str(run))
+    _wait_rows(run, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert "cdmix resume" in out and "Traceback" not in out
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert 0 <= state["epoch"] < 5
+    resumed = _cdmix("resume", str(run))
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    assert runs.read_summary(run)["epochs_done"] == 6
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "dm"
+    result = cdmix.train(Config(epochs=5, warmup=2, batch_size=32, out=str(out), progress=False))
+    return result
+
+
+def test_run_folder_contents(digits_run):
+    run_dir = digits_run.run_dir
+    for name in ("config.json", "metrics.csv", "checkpoint.pt", "best.pt", "summary.json", "labels.npz",
+                 "division.npz", "label_issues.csv", "README.txt"):
+        assert (run_dir / name).is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["device"] == "cpu" and config["model"] == "small_cnn" and config["out"] == str(run_dir)
+    summary = runs.read_summary(run_dir)
+    for key in ("test_acc_best", "test_acc_last", "epochs_done", "noise_rate_actual", "noise_rate_nominal",
+                "seconds_total", "device"):
+        assert key in summary
+    assert summary["epochs_done"] == 5 and 0 <= summary["test_acc_last"] <= 100
+    assert summary["test_acc_best"] >= summary["test_acc_last"]
+    assert 0.3 < summary["noise_rate_actual"] < 0.4  # 40% sym over 10 classes: ~36% actually wrong
+    rows = runs.read_metrics(run_dir)
+    assert [int(r["epoch"]) for r in rows] == list(range(5))
+    post = rows[-1]
+    for key in ("labeled_net1", "labeled_net2", "gmm_mean_clean_net1", "lambda_u_eff", "sel_precision_net1",
+                "sel_recall_net1", "sel_auc_net1", "seconds_divide", "seconds_train_net1", "seconds_test",
+                "test_acc_net1", "test_acc_net2"):
+        assert key in post and post[key] == post[key], key  # present and not NaN
+    assert post["gmm_mean_clean_net1"] < post["gmm_mean_noisy_net1"]
+
+
+def test_label_issues_rank_noisy_samples_first(digits_run):
+    issues = cdmix.rank_label_issues(digits_run.run_dir)
+    noisy = issues.given_label != issues.true_label
+    assert 0.2 < noisy.mean() < 0.5
+    # Ranking quality: AUC of "suspicious score" for truly noisy samples, far above chance (0.5).
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(noisy, issues.issue_score) > 0.8
+    top = noisy[: int(noisy.sum())]
+    assert top.mean() > 0.7  # precision among the top-|noisy| ranked
+
+
+def test_out_holding_a_run_is_refused(digits_run):
+    with pytest.raises(UserError, match="already holds a run"):
+        cdmix.train(Config(epochs=1, warmup=1, out=str(digits_run.run_dir), progress=False))
+
+
+def test_resume_without_checkpoint_and_corrupt_checkpoint(tmp_path, digits_run):
+    with pytest.raises(UserError, match="not a cdmix run folder"):
+        cdmix.resume(tmp_path)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "labels.npz"):
+        (broken / name).write_bytes((digits_run.run_dir / name).read_bytes())
+    with pytest.raises(UserError, match="no checkpoint.pt"):
+        cdmix.resume(broken)
+    good = (digits_run.run_dir / "checkpoint.pt").read_bytes()
+    (broken / "checkpoint.pt").write_bytes(good[: len(good) // 3])
+    with pytest.raises(UserError, match="corrupt"):
+        cdmix.resume(broken)
+
+
+def test_lr_schedules():
+    step = Config(lr=0.02, epochs=10, lr_step=5)
+    assert lr_at(step, 4) == 0.02 and lr_at(step, 5) == pytest.approx(0.002)
+    cos = Config(lr=0.1, epochs=10, schedule="cosine")
+    assert lr_at(cos, 0) == pytest.approx(0.1) and lr_at(cos, 5) == pytest.approx(0.05)
+    assert lr_at(cos, 9) < lr_at(cos, 8)
+
+
+def test_standard_method_trains(tmp_path):
+    result = cdmix.train(Config(method="standard", epochs=3, width=8, noise_rate=0.2, out=str(tmp_path / "ce"),
+                                progress=False))
+    assert result.test_acc_best > 60
+    assert np.isfinite([r["train_loss"] for r in result.metrics]).all()

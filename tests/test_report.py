@@ -1,0 +1,247 @@
+"""The run report (cdmix report) and run comparison (cdmix compare), made from a tiny real run."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cdmix
+from cdmix import cli
+from cdmix.errors import UserError
+from cdmix.report import build_report, compare_runs, make_report, run_names
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ALL_PLOTS = ("accuracy", "selection", "loss_hist", "training", "seconds", "confusion")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real DivideMix run on digits: 2 warm-up epochs, then 3 epochs with a division (true labels known)."""
+    out = tmp_path_factory.mktemp("tiny_run")
+    cdmix.train(cdmix.Config(dataset="digits", epochs=5, warmup=2, out=str(out), progress=False))
+    return out
+
+
+@pytest.fixture(scope="module")
+def report(run_dir: Path):
+    return build_report([run_dir])
+
+
+@pytest.fixture(scope="module")
+def stripped_copy(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the run that lost its division, label issues, config and selection columns, and whose
+    summary says it ended 5 points below its best (what a late collapse looks like)."""
+    copy = tmp_path_factory.mktemp("copies") / "collapsed_copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.pt", "events.*", "report*"))
+    for name in ("division.npz", "label_issues.csv", "config.json"):
+        (copy / name).unlink()
+    with (run_dir / "metrics.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keep = [c for c in rows[0] if not c.startswith("sel_")]
+    with (copy / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keep, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = json.loads((copy / "summary.json").read_text())
+    summary["test_acc_best"] = summary["test_acc_last"] + 5.0
+    (copy / "summary.json").write_text(json.dumps(summary))
+    return copy
+
+
+def _distinct_colours(pixels: np.ndarray) -> int:
+    packed = pixels.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.int32)
+    return len(np.unique(packed))
+
+
+def _pixels(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def assert_nontrivial_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE, f"{path.name} is not a PNG"
+    pixels = _pixels(path)
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 300, f"{path.name} is tiny: {pixels.shape}"
+    colours = _distinct_colours(pixels)
+    assert colours > 16, f"{path.name} has only {colours} colours"
+    assert pixels.std() > 10, f"{path.name} is nearly one colour (std {pixels.std():.1f})"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(path).ndim == 3  # matplotlib decodes it too
+
+
+# --------------------------------------------------------------------------- one run
+def test_report_draws_every_plot_and_references_it(run_dir: Path, report) -> None:
+    assert report.page == run_dir / "report.html"
+    assert report.missing == []
+    assert sorted(p.name for p in report.pngs) == sorted(f"report-{key}.png" for key in ALL_PLOTS)
+    page = report.page.read_text()
+    for png in report.pngs:
+        assert png.parent == run_dir
+        assert png.name in page, f"the page does not link {png.name}"
+        embedded = base64.b64encode(png.read_bytes()).decode()
+        assert f"data:image/png;base64,{embedded}" in page, f"the page does not embed {png.name}"
+    assert page.count("data:image/png;base64,") == len(ALL_PLOTS)
+    assert "http://" not in page and "https://" not in page  # opens offline: nothing to fetch
+
+
+def test_every_plot_is_a_valid_nontrivial_png(report) -> None:
+    for png in report.pngs:
+        assert_nontrivial_png(png)
+
+
+def test_page_holds_config_and_summary(run_dir: Path, report) -> None:
+    page = report.page.read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert f"{summary['test_acc_best']:.2f}%" in page and f"{summary['test_acc_last']:.2f}%" in page
+    assert "nominal 40.0%" in page and f"actual {100 * summary['noise_rate_actual']:.1f}%" in page
+    for key in ("p_threshold", "lambda_u", "warmup", "noise_rate_actual", "seconds_total"):
+        assert f"<th>{key}</th>" in page
+    assert "Not drawn" not in page
+
+
+def test_make_report_returns_the_page_and_takes_a_folder_as_out(
+        run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cdmix import report as report_module
+
+    monkeypatch.setattr(report_module, "run_plots", lambda run, top=None: [report_module.plot_accuracy(run)])
+    page = make_report(str(run_dir), out=tmp_path)
+    assert page == tmp_path / "report.html" and page.is_file()
+    assert (tmp_path / "report-accuracy.png").is_file()
+
+
+# --------------------------------------------------------------------------- several runs, missing parts
+def test_report_of_several_runs_and_a_run_missing_parts(run_dir: Path, stripped_copy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "both.html"
+    report = build_report([run_dir, stripped_copy], out=out)
+    assert report.page == out
+    page = out.read_text()
+    names = run_names([run_dir, stripped_copy])
+    assert names == [run_dir.name, "collapsed_copy"]
+    assert f"{out.stem}-accuracy.png" in page  # one accuracy plot with a line per run
+    for png in report.pngs:
+        assert png.name in page
+        assert_nontrivial_png(png)
+    # 1 overview + 6 plots of the full run + 4 of the copy (no division.npz, no label_issues.csv)
+    assert len(report.pngs) == 11
+    assert len(report.missing) == 2 and all(line.startswith("collapsed_copy") for line in report.missing)
+    assert page.count('class="missing"') >= 3  # two plots and the config table, said on the page
+    assert "no division.npz" in page and "no label_issues.csv" in page
+    assert "5.00 points below the best" in page  # the warning banner of the collapsed copy
+
+
+def test_report_default_page_for_several_runs_is_in_the_current_folder(
+        run_dir: Path, stripped_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    from cdmix import report as report_module
+
+    monkeypatch.setattr(report_module, "run_plots", lambda run, top=None: [])
+    page = make_report([run_dir, stripped_copy])
+    assert page == tmp_path / "report.html" and page.is_file()
+
+
+# --------------------------------------------------------------------------- compare
+def test_compare_lists_both_runs_and_flags_the_drop(run_dir: Path, stripped_copy: Path) -> None:
+    text = compare_runs([run_dir, stripped_copy])
+    lines = text.splitlines()
+    header = lines[0].split()
+    for column in ("run", "dataset", "method", "epochs", "best", "last", "best-last", "seconds"):
+        assert column in header
+    assert "noise nominal" in lines[0] and "noise actual" in lines[0]
+    row_full = next(line for line in lines if run_dir.name in line and not line.startswith("!"))
+    row_copy = next(line for line in lines if "collapsed_copy" in line and not line.startswith("! best"))
+    assert row_copy.startswith("!") and not row_full.startswith("!")
+    assert re.search(r"\b5\.00\b", row_copy) and "digits" in row_full and "dividemix" in row_full
+    assert "40.0%" in row_full
+    assert lines[-1].startswith("! best - last > 2 points") and lines[-1].endswith("collapsed_copy")
+
+    markdown = compare_runs([run_dir, stripped_copy], markdown=True)
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and table[1].startswith("|:-:|")
+    assert table[3].startswith("| ! | collapsed_copy |") and table[2].startswith("|  | ")
+
+
+def test_compare_without_a_drop_flags_nothing(run_dir: Path) -> None:
+    text = compare_runs(run_dir)
+    assert "no run ended more than 2 points below" in text
+    lines = text.splitlines()
+    assert lines[0].startswith("!  run") and lines[1].startswith("-  ---")
+    assert lines[2].startswith(f"   {run_dir.name}")
+
+
+def test_cli_compare_and_report(run_dir: Path, stripped_copy: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["compare", "--markdown", str(run_dir), str(stripped_copy)]) == 0
+    assert "| ! | collapsed_copy |" in capsys.readouterr().out
+    out = tmp_path / "sub" / "copy.html"
+    assert cli.main(["report", str(stripped_copy), "--out", str(out), "--top", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "not drawn: collapsed_copy loss_hist" in printed
+    assert (tmp_path / "sub" / "copy-selection.png").is_file()
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_run_dirs_are_user_errors(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    no_metrics = tmp_path / "no_metrics"
+    no_metrics.mkdir()
+    shutil.copy(run_dir / "summary.json", no_metrics / "summary.json")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "summary.json").write_text("{not json")
+    for bad in (tmp_path / "missing", empty, a_file, no_metrics, broken):
+        with pytest.raises(UserError):
+            make_report([bad], out=tmp_path / "x.html")
+    for bad in (tmp_path / "missing", empty, a_file, broken):
+        with pytest.raises(UserError):
+            compare_runs([run_dir, bad])
+    with pytest.raises(UserError):
+        compare_runs([])
+    assert cli.main(["report", str(empty)]) == 2
+    assert cli.main(["compare", str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err.count("error: ") == 2
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_run_names_are_unique() -> None:
+    assert run_names(["a/run", "b/run", "c/other"]) == ["a/run", "b/run", "other"]
+    assert run_names(["a/run", "a/run"]) == ["a/run#1", "a/run#2"]
+
+
+# --------------------------------------------------------------------------- a real browser
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian chromium is not installed (apt-get install chromium); "
+                                                  "the headless-browser rendering of report.html is not checked")
+def test_report_renders_in_headless_chromium(report, tmp_path: Path) -> None:
+    shot = tmp_path / "screenshot.png"
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2400",
+               report.page.resolve().as_uri()]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert shot.is_file(), f"chromium wrote no screenshot (rc {result.returncode}): {result.stderr[-2000:]}"
+    pixels = _pixels(shot)
+    assert pixels.shape[:2] == (2400, 1280)
+    # The page shows its plots: many colours, and the blue of the accuracy line (matplotlib C0) is on it.
+    assert _distinct_colours(pixels) > 200
+    blue = np.all(np.abs(pixels.astype(int) - [31, 119, 180]) < 12, axis=-1)
+    assert blue.sum() > 500, "the screenshot shows no plot lines"
