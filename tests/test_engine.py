@@ -157,7 +157,7 @@ def test_lr_schedules():
 
 
 def test_standard_method_trains(tmp_path):
-    result = cdmix.train(Config(method="standard", epochs=3, width=8, noise_rate=0.2, out=str(tmp_path / "ce"),
+    result = cdmix.train(Config(method="standard", epochs=3, batch_size=32, noise_rate=0.2, out=str(tmp_path / "ce"),
                                 progress=False))
     assert result.test_acc_best > 60
     assert np.isfinite([r["train_loss"] for r in result.metrics]).all()
