@@ -3,8 +3,10 @@
 Two data settings, each with a schedule of 4x its warm-up so the late phase is reached:
 
 * ``digits``: scikit-learn digits (1,347 train / 450 test, 8x8), 50% symmetric noise, small_cnn;
-* ``cifar``: the real CIFAR-10 subset in ../shared/data (5,551 train / 1,017 test images) with the
-  CIFAR-10N ``worse_label`` of those images (about 40% noise), a small PreAct ResNet-18.
+* ``cifar``: real CIFAR-10 images from the subset in ../shared/data with the CIFAR-10N
+  ``worse_label`` of those images (about 40% noise), a small PreAct ResNet-18. To fit a 2-core CPU
+  budget it uses 120 training images per class and 16 px images (2x2 mean-pooled); all 1,017 test
+  images.
 
 Every run is one ``cdmix.train`` call; its result is appended to ``<out>/results.jsonl`` as soon as
 it finishes (a rerun skips runs already there), and ``<out>/tables.md`` is rewritten from all
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -33,6 +36,8 @@ from pathlib import Path
 import numpy as np
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR_PER_CLASS = 120  # training images per class taken from the real subset (CPU budget)
+CIFAR_SIZE = 16  # images are 2x2 mean-pooled from 32 px (CPU budget)
 
 # One stabiliser at a time on top of the hybrid (values are the ones the study tries).
 ABLATION = {
@@ -71,7 +76,7 @@ def part_settings(part: str, workdir: Path) -> dict:
 
 def cifar10n_npz(workdir: Path) -> Path:
     """Write (once) the CIFAR-10 subset with CIFAR-10N worst labels as a cdmix ``npz`` dataset."""
-    out = workdir / "cifar10n_worst_subset.npz"
+    out = workdir / f"cifar10n_worst_subset_{CIFAR_PER_CLASS}x{CIFAR_SIZE}px.npz"
     if out.is_file():
         return out
     import torch
@@ -83,16 +88,30 @@ def cifar10n_npz(workdir: Path) -> Path:
     with np.load(subset) as d:
         arrays = {k: d[k] for k in d.files}
     worse = np.asarray(torch.load(human, weights_only=False)["worse_label"], dtype=np.int64)
+    # CPU budget: a fixed class-balanced part of the subset (by true class, seed 0), 2x2 mean-pooled.
+    rng = np.random.default_rng(0)
+    keep = np.sort(np.concatenate([rng.choice(np.flatnonzero(arrays["train_labels"] == c), CIFAR_PER_CLASS,
+                                              replace=False) for c in range(10)]))
     workdir.mkdir(parents=True, exist_ok=True)
-    np.savez(out, train_images=arrays["train_images"], train_labels=worse[arrays["train_index"]],
-             train_true_labels=arrays["train_labels"], test_images=arrays["test_images"],
-             test_labels=arrays["test_labels"])
+    np.savez(out, train_images=_pool(arrays["train_images"][keep]),
+             train_labels=worse[arrays["train_index"][keep]], train_true_labels=arrays["train_labels"][keep],
+             test_images=_pool(arrays["test_images"]), test_labels=arrays["test_labels"])
     return out
+
+
+def _pool(images: np.ndarray) -> np.ndarray:
+    """N x 32 x 32 x C uint8 -> N x CIFAR_SIZE x CIFAR_SIZE x C by block averaging."""
+    f = images.shape[1] // CIFAR_SIZE
+    if f <= 1:
+        return images
+    n, h, w, c = images.shape
+    blocks = images.reshape(n, h // f, f, w // f, f, c).astype(np.float64).mean(axis=(2, 4))
+    return np.rint(blocks).clip(0, 255).astype(np.uint8)
 
 
 def variants(part: str, settings: dict) -> list[tuple[str, dict]]:
     if part == "ablation":
-        out = [("hybrid", {"method": "hybrid"})]
+        out = []  # the baseline is the digits part's "hybrid" row
         for name, extra in ABLATION.items():
             extra = dict(extra)
             if extra.get("stab_swa_start") == -1:
@@ -122,6 +141,7 @@ def run_one(part: str, name: str, seed: int, settings: dict, extra: dict, workdi
     result = cdmix.train(config)
     rows = result.metrics
     last = rows[-1]
+    shutil.rmtree(run_dir, ignore_errors=True)
     return {"part": part, "name": name, "seed": seed, "best": result.test_acc_best, "last": result.test_acc_last,
             "auc_last": last.get("sel_auc_net1", float("nan")),
             "collapse_flags": int(sum(r.get("collapse", 0) for r in rows)),
@@ -137,6 +157,9 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 def table(results: list[dict], part: str, title: str) -> str:
     rows = [r for r in results if r["part"] == part]
+    if part == "ablation" and rows:
+        seeds = {r["seed"] for r in rows}
+        rows = [r for r in results if r["part"] == "digits" and r["name"] == "hybrid" and r["seed"] in seeds] + rows
     if not rows:
         return ""
     names = list(dict.fromkeys(r["name"] for r in rows))
@@ -152,8 +175,8 @@ def table(results: list[dict], part: str, title: str) -> str:
 
 def write_tables(results: list[dict], out: Path) -> None:
     parts = [("digits", "digits, 50% symmetric noise (small_cnn, 12 epochs, warm-up 3)"),
-             ("cifar", "CIFAR-10 real subset, CIFAR-10N worst labels (PreAct ResNet-18 width 8, 8 epochs, "
-                       "warm-up 2)"),
+             ("cifar", f"CIFAR-10 real images ({10 * CIFAR_PER_CLASS} train, 1,017 test, {CIFAR_SIZE} px), "
+                       "CIFAR-10N worst labels (PreAct ResNet-18 width 8, 8 epochs, warm-up 2)"),
              ("ablation", "ablation on digits 50% sym: each stabiliser alone on top of the hybrid")]
     text = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads "
             f"{_threads()}, python {platform.python_version()}", ""]
@@ -171,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--part", choices=["digits", "cifar", "ablation"], action="append")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--ablation-seeds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--only", action="append", help="run only these variant names")
     parser.add_argument("--out", default="runs/hybrid_study")
     parser.add_argument("--report", action="store_true", help="only rewrite tables.md from results.jsonl")
@@ -179,13 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.jsonl"
     results = load_results(results_path)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not args.report:
         for part in args.part or ["digits", "ablation", "cifar"]:
             settings = part_settings(part, out)
             for name, extra in variants(part, settings):
                 if args.only and name not in args.only:
                     continue
-                for seed in range(args.seeds):
+                for seed in range(args.ablation_seeds if part == "ablation" else args.seeds):
                     if any(r["part"] == part and r["name"] == name and r["seed"] == seed for r in results):
                         continue
                     print(f"== {part} {name} seed {seed}", flush=True)

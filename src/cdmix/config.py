@@ -182,6 +182,11 @@ def validate(config: Config) -> None:
         raise UserError(f"--on-collapse must be warn or rollback, got {config.on_collapse!r}")
     if config.batch_size < 1 or (config.epochs is not None and config.epochs < 1):
         raise UserError("batch size and epochs must be positive")
+    if config.model is not None:
+        from cdmix.models import model_names
+
+        if config.model not in model_names():
+            raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(model_names())}")
     if config.loss_history < 1:
         raise UserError("loss history must be at least 1 epoch")
 

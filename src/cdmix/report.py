@@ -254,7 +254,7 @@ def _warmup_epochs(run: RunData) -> int:
 def _shade_warmup(ax, run: RunData) -> None:
     warmup = _warmup_epochs(run)
     if warmup > 0:
-        ax.axvspan(0.5, warmup + 0.5, color="0.6", alpha=0.15, lw=0, label=f"warm-up ({warmup} epochs)")
+        ax.axvspan(0.5, warmup + 0.5, color="0.6", alpha=0.15, lw=0, label=f"warm-up ({warmup} epoch{'s' if warmup > 1 else ''})")
 
 
 @dataclass
@@ -481,8 +481,9 @@ def plot_loss_hist(run: RunData) -> Plot:
         else:
             missing_gmm.append(tag or "the run")
         name = tag or "ensemble"
-        if f"clean_prob_{tag}" in division:
-            n_sel = int((np.asarray(division[f"clean_prob_{tag}"]) > threshold).sum())
+        prob_key = f"clean_prob_{tag}" if f"clean_prob_{tag}" in division else "clean_prob"
+        if prob_key in division and (len(tags) == 1 or prob_key != "clean_prob"):
+            n_sel = int((np.asarray(division[prob_key]) > threshold).sum())
             ax.set_title(f"{name}: {n_sel} of {len(loss)} selected as clean", fontsize=10)
         else:
             ax.set_title(name, fontsize=10)
@@ -583,7 +584,9 @@ def plot_seconds(run: RunData) -> Plot:
     if np.isfinite(total).any():
         other = np.clip(np.nan_to_num(total, nan=0.0) - bottom, 0.0, None)
         if phases and other.max() > 0.02 * max(float(np.nanmax(total)), 1e-9):
-            ax.bar(x, other, bottom=bottom, width=0.8, color="0.85", hatch="//", edgecolor="0.6", label="other")
+            timed_training = any(p.startswith("seconds_train") for p in phases)
+            ax.bar(x, other, bottom=bottom, width=0.8, color="0.85", hatch="//", edgecolor="0.6",
+                   label="other" if timed_training else "training and other (not timed apart)")
         elif not phases:
             ax.bar(x, other, width=0.8, color="C0", label="epoch")
     _integer_epochs(ax)

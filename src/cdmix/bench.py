@@ -1,0 +1,839 @@
+"""``cdmix bench``: one warm-up and one DivideMix epoch, timed per phase, against the official-style pipeline.
+
+What it measures, all in one process:
+
+* **cdmix**: the real ``DivideMix`` method built by the real ``Trainer`` on a CIFAR-shaped dataset
+  (random uint8 images, or the real CIFAR-10 subset tiled up to ``--images``) with 50% symmetric
+  noise: one warm-up epoch, then one DivideMix epoch (divide, train net1, train net2) and the test
+  pass. Every forward call of the two nets is recorded (shape, train/eval mode, grad or not).
+* **pure model compute**: the recorded calls replayed on pre-built random batches of the same
+  shapes (same count, same modes, a backward + optimizer step after every grad forward), so
+  ``epoch / pure compute`` is the overhead of everything that is not the model.
+* **data path**: augmented images per second of cdmix's batch assembly (gather, crop, flip,
+  normalise on the device) against the official per-sample Dataset + DataLoader.
+* **reference**: ``benchmarks/reference_pipeline.py`` (found in a source checkout), the official
+  code's structure, for the same model and the same number and shapes of steps.
+
+Estimated TFLOP/s count Conv2d/Linear FLOPs (``count_flops``) with forward+backward = 3x forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cdmix.errors import UserError
+
+PHASES = ("warm-up epoch", "divide", "train net1", "train net2", "test")
+EPOCH_PHASES = ("divide", "train net1", "train net2", "test")
+REFERENCE_FILE = Path("benchmarks") / "reference_pipeline.py"
+SUBSET_RELATIVE = Path("shared") / "data" / "cifar10-subset" / "cifar10_subset.npz"
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
+CIFAR100_MEAN, CIFAR100_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
+TARGET_COMPUTE_RATIO = 1.2
+TARGET_DATA_PATH = 5.0
+
+
+# ------------------------------------------------------------------------------------------------
+# options
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    model: str = "preact_resnet18"
+    width: int | None = 16
+    images: int = 5000
+    batch_size: int = 64
+    device: str = "auto"
+    source: str = "random"  # random | subset
+    subset_path: str | None = None
+    steps: int | None = None  # cap on the training steps of each training phase
+    reference: bool = True
+    reference_compute: bool = False  # also replay the reference's forwards (its own overhead ratio)
+    compile: bool = False
+    fast: bool = False
+    classes: int = 10
+    workers: int | None = None  # reference DataLoader workers; None: min(5, CPU count)
+    eval_batch_size: int = 1024
+    seed: int = 0
+    out: str | None = None
+    command: str = ""
+
+    def resolved_workers(self) -> int:
+        if self.workers is not None:
+            return self.workers
+        return min(5, os.cpu_count() or 1)
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="time one warm-up + one DivideMix epoch against the official-style pipeline",
+        description="Time one warm-up epoch and one DivideMix epoch of cdmix (per phase), the same "
+                    "model compute alone, the data path, and the official-style reference pipeline "
+                    "(benchmarks/reference_pipeline.py, source checkouts only) in the same process.")
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="preact_resnet18", help="model name (default preact_resnet18)")
+    p.add_argument("--width", type=int, default=16, help="model width (default 16; 64 = the paper's)")
+    p.add_argument("--images", type=int, default=5000, help="training images (default 5000)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64, warm-up uses 2x)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--source", choices=("random", "subset"), default="random",
+                   help="random uint8 images, or the real CIFAR-10 subset tiled up to --images")
+    p.add_argument("--subset-path", help="cifar10_subset.npz (default: shared/data next to the checkout)")
+    p.add_argument("--steps", type=int, help="at most N training steps per training phase (quick runs)")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the official-style reference pipeline")
+    p.add_argument("--reference-compute", action="store_true",
+                   help="also replay the reference's model calls alone (its own epoch/compute ratio)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the cdmix nets (eager fallback)")
+    p.add_argument("--fast", action="store_true",
+                   help="cdmix's --no-faithful-order variant (batched train-mode no-grad forwards)")
+    p.add_argument("--classes", type=int, default=10, choices=(10, 100), help="10 (CIFAR-10) or 100 (CIFAR-100)")
+    p.add_argument("--workers", type=int, help="reference DataLoader workers (default min(5, CPUs); official 5)")
+    p.add_argument("--eval-batch-size", type=int, default=1024, help="cdmix loss/test pass batch (default 1024)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="also write the table to this file (markdown; JSON if it ends in .json)")
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    names = {f for f in BenchOptions.__dataclass_fields__}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    argv = sys.argv[1:] if sys.argv and sys.argv[0] else []
+    values["command"] = "cdmix " + " ".join(argv) if argv[:1] == ["bench"] else "cdmix bench " + " ".join(argv)
+    return BenchOptions(**values)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    result = run_bench(opts)
+    text = format_table(result)
+    print(text)
+    if opts.out:
+        write_result(result, text, opts.out)
+        print(f"wrote {opts.out}")
+    return 0
+
+
+def write_result(result: dict[str, Any], text: str, path: str | Path) -> None:
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(result, indent=2, default=float) + "\n")
+    else:
+        path.write_text(text + "\n")
+
+
+def validate_options(opts: BenchOptions) -> None:
+    if opts.images < 8:
+        raise UserError(f"--images must be at least 8, got {opts.images}")
+    if opts.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {opts.batch_size}")
+    if opts.width is not None and opts.width < 1:
+        raise UserError(f"--width must be positive, got {opts.width}")
+    if opts.steps is not None and opts.steps < 1:
+        raise UserError(f"--steps must be positive, got {opts.steps}")
+    if opts.workers is not None and opts.workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {opts.workers}")
+    if opts.eval_batch_size < 1:
+        raise UserError(f"--eval-batch-size must be positive, got {opts.eval_batch_size}")
+    if opts.source == "subset" and opts.classes != 10:
+        raise UserError("--source subset is CIFAR-10: use --classes 10 (or --source random)")
+    if opts.source not in ("random", "subset"):
+        raise UserError(f"--source must be random or subset, got {opts.source!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchData:
+    train_images: np.ndarray  # N x 32 x 32 x 3 uint8
+    true_labels: np.ndarray
+    noisy_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    description: str
+
+
+def repo_root() -> Path:
+    """The source checkout this module lives in (``src/cdmix/bench.py`` -> checkout)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def find_subset(path: str | None) -> Path:
+    if path:
+        found = Path(path)
+        if not found.is_file():
+            raise UserError(f"subset file {found} does not exist")
+        return found
+    for candidate in (repo_root().parent / SUBSET_RELATIVE, repo_root() / SUBSET_RELATIVE, Path.cwd() / SUBSET_RELATIVE):
+        if candidate.is_file():
+            return candidate
+    raise UserError("the CIFAR-10 subset (shared/data/cifar10-subset/cifar10_subset.npz) was not found; "
+                    "pass --subset-path or use --source random")
+
+
+def _tile(array: np.ndarray, n: int) -> np.ndarray:
+    reps = -(-n // len(array))
+    return np.concatenate([array] * reps)[:n] if reps > 1 else array[:n].copy()
+
+
+def build_data(opts: BenchOptions) -> BenchData:
+    from cdmix.data.noise import make_noisy_labels
+
+    rng = np.random.default_rng(opts.seed)
+    n, classes = opts.images, opts.classes
+    if opts.source == "subset":
+        path = find_subset(opts.subset_path)
+        with np.load(path) as npz:
+            base_images, base_labels = npz["train_images"], npz["train_labels"].astype(np.int64)
+            test_images, test_labels = npz["test_images"], npz["test_labels"].astype(np.int64)
+        train_images, true_labels = _tile(base_images, n), _tile(base_labels, n)
+        tiled = f" (tiled x{n / len(base_images):.2f})" if n != len(base_images) else ""
+        description = f"{n} real CIFAR-10 subset images{tiled}"
+    else:
+        train_images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        true_labels = rng.integers(0, classes, n).astype(np.int64)
+        n_test = max(n // 5, 100)
+        test_images = rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8)
+        test_labels = rng.integers(0, classes, n_test).astype(np.int64)
+        description = f"{n} random CIFAR-shaped images, {classes} classes"
+    noisy = make_noisy_labels(true_labels, classes, "sym", 0.5, opts.seed)
+    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+    return BenchData(train_images, true_labels, noisy, test_images, test_labels, classes, mean, std,
+                     description + ", 50% sym noise")
+
+
+def build_trainer(opts: BenchOptions, data: BenchData, run_dir: Path):
+    """The real engine ``Trainer`` holding a real ``DivideMix`` with warm-up = 1 epoch."""
+    from cdmix.config import Config, resolve, validate
+    from cdmix.data.types import RawData
+    from cdmix.engine import PreparedData, Trainer
+
+    config = Config(dataset="cifar100" if data.num_classes == 100 else "cifar10", method="dividemix",
+                    model=opts.model, width=opts.width, warmup=1, epochs=2, batch_size=opts.batch_size,
+                    device=opts.device, compile=opts.compile, faithful_order=not opts.fast, progress=False,
+                    seed=opts.seed, noise_mode="sym", noise_rate=0.5, eval_batch_size=opts.eval_batch_size)
+    validate(config)
+    config = resolve(config, data.num_classes, 32)
+    raw = RawData(train_images=data.train_images, train_labels=data.noisy_labels, test_images=data.test_images,
+                  test_labels=data.test_labels, class_names=[str(i) for i in range(data.num_classes)],
+                  mean=data.mean, std=data.std, train_true_labels=data.true_labels, name="bench")
+    prepared = PreparedData(raw, {}, np.arange(len(data.noisy_labels)), np.zeros(0, dtype=np.int64))
+    return Trainer(config, run_dir, prepared, resume=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# timing, call recording, replay
+# ------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Call:
+    phase: str
+    net: int
+    shape: tuple[int, ...]
+    channels_last: bool
+    training: bool
+    grad: bool
+    inference: bool
+
+
+class CallRecorder:
+    """Records every top-level forward of ``nets`` (forward pre-hooks), tagged with the current phase."""
+
+    def __init__(self, nets: list[torch.nn.Module]):
+        self.phase = "setup"
+        self.calls: list[Call] = []
+        self.enabled = True
+        self.handles = [net.register_forward_pre_hook(self._hook(i)) for i, net in enumerate(nets)]
+
+    def _hook(self, index: int):
+        def pre(module, args):
+            if not self.enabled or not args:
+                return
+            x = args[0]
+            self.calls.append(Call(self.phase, index, tuple(x.shape),
+                                   x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                                   and not x.is_contiguous(),
+                                   module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        return pre
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class PhaseTimer:
+    """Accumulates synchronised wall time per phase and tells the recorder which phase runs."""
+
+    def __init__(self, device: torch.device, recorder: CallRecorder | None = None):
+        self.device = device
+        self.recorder = recorder
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        sync(self.device)
+        if self.recorder is not None:
+            self.recorder.phase = name
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            if self.recorder is not None:
+                self.recorder.phase = "other"
+
+
+def phase_stats(calls: list[Call], flops_per_image: int) -> dict[str, dict[str, float]]:
+    stats: dict[str, dict[str, float]] = {}
+    for c in calls:
+        s = stats.setdefault(c.phase, {"forwards": 0, "grad_steps": 0, "images": 0, "flops": 0.0})
+        s["forwards"] += 1
+        s["grad_steps"] += int(c.grad)
+        s["images"] += c.shape[0]
+        s["flops"] += c.shape[0] * flops_per_image * (3 if c.grad else 1)
+    return stats
+
+
+def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
+           amp: Callable[[], Any], device: torch.device, num_classes: int) -> dict[str, float]:
+    """The recorded forwards (and a backward + step after each grad forward) on pre-built batches.
+
+    One random input per distinct shape is built before the clock starts; nets are put in the
+    recorded train/eval mode and grad/no-grad/inference mode for every call. Returns seconds per phase.
+    """
+    pool: dict[tuple, torch.Tensor] = {}
+    targets: dict[int, torch.Tensor] = {}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for c in calls:
+        key = (c.shape, c.channels_last)
+        if key not in pool:
+            x = torch.randn(c.shape, generator=gen).to(device)
+            pool[key] = x.contiguous(memory_format=torch.channels_last) if c.channels_last else x
+        if c.grad and c.shape[0] not in targets:
+            targets[c.shape[0]] = torch.softmax(torch.randn(c.shape[0], num_classes, generator=gen), 1).to(device)
+    was_training = [net.training for net in nets]
+    seconds: dict[str, float] = {}
+    order: list[str] = []
+    for c in calls:
+        if c.phase not in order:
+            order.append(c.phase)
+    for phase in order:
+        phase_calls = [c for c in calls if c.phase == phase]
+        sync(device)
+        t0 = time.perf_counter()
+        for c in phase_calls:
+            net = nets[c.net]
+            if net.training != c.training:
+                net.train(c.training)
+            x = pool[(c.shape, c.channels_last)]
+            if c.inference:
+                with torch.inference_mode(), amp():
+                    net(x)
+            elif not c.grad:
+                with torch.no_grad(), amp():
+                    net(x)
+            else:
+                with amp():
+                    logits = net(x)
+                loss = F.cross_entropy(logits.float(), targets[c.shape[0]])
+                optimizers[c.net].zero_grad(set_to_none=True)
+                loss.backward()
+                optimizers[c.net].step()
+        sync(device)
+        seconds[phase] = time.perf_counter() - t0
+    for net, mode in zip(nets, was_training):
+        net.train(mode)
+    return seconds
+
+
+def prime(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], shapes: list[tuple],
+          amp: Callable[[], Any], device: torch.device, channels_last: bool) -> float:
+    """Untimed first calls (CUDA context, cuDNN autotuning, compilation) for the main shapes.
+
+    Weights, BN statistics and optimizer state are restored afterwards. Returns seconds spent.
+    """
+    t0 = time.perf_counter()
+    saved = [copy.deepcopy(net.state_dict()) for net in nets]
+    modes = [net.training for net in nets]
+    for net in nets:
+        for shape in shapes:
+            x = torch.randn(shape, device=device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            net.train()
+            with amp():
+                net(x).float().sum().backward()
+            with torch.no_grad(), amp():
+                net(x)
+            net.eval()
+            with torch.inference_mode(), amp():
+                net(x)
+            with torch.no_grad(), amp():
+                net(x)
+        net.zero_grad(set_to_none=True)
+    for net, state, mode in zip(nets, saved, modes):
+        net.load_state_dict(state)
+        net.train(mode)
+    del optimizers  # untouched: no step was taken
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak memory so far: CUDA allocator peak (MiB) on CUDA; process max RSS (MiB) on CPU."""
+    if device.type == "cuda":
+        return {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"max_rss_mib": self_rss, "children_max_rss_mib": children}
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+# ------------------------------------------------------------------------------------------------
+# cdmix
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_compiled(net: torch.nn.Module) -> bool:
+    return hasattr(net, "_orig_mod")
+
+
+def compile_with_fallback(net: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, str]:
+    """torch.compile ``net`` and try it once (eval, no grad); eager with the reason when it fails."""
+    try:
+        compiled = torch.compile(net)
+        was = net.training
+        net.eval()
+        with torch.no_grad():
+            compiled(example)
+        net.train(was)
+        return compiled, "compiled"
+    except Exception as exc:  # compile support varies by platform and install
+        net.train(True)
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        print(f"warning: --compile could not be used ({reason}); running eagerly")
+        return net, f"eager (compile failed: {reason})"
+
+
+def _subset_train(train, k: int):
+    """The first ``k`` samples of a TrainSet (a view for --steps in the warm-up)."""
+    from cdmix.methods.base import TrainSet
+
+    images = copy.copy(train.images)
+    images.images = train.images.images[:k]
+    return TrainSet(images=images, labels=train.labels[:k],
+                    true_labels=None if train.true_labels is None else train.true_labels[:k],
+                    index=train.index[:k], num_classes=train.num_classes)
+
+
+def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int) -> None:
+    """Time the method's phases by wrapping its own methods on the instance (the class is untouched)."""
+    warmup_epoch, divide, train_net, labeled_split = (method.warmup_epoch, method.divide, method.train_net,
+                                                      method.labeled_split)
+
+    def timed_warmup(ctx):
+        full = method.train
+        if steps is not None:
+            method.train = _subset_train(full, min(len(full), steps * 2 * batch_size))
+        try:
+            with timer.phase("warm-up epoch"):
+                return warmup_epoch(ctx)
+        finally:
+            method.train = full
+
+    def timed_divide(*args, **kwargs):
+        with timer.phase("divide"):
+            return divide(*args, **kwargs)
+
+    def timed_train_net(a, *args, **kwargs):
+        with timer.phase(f"train net{a + 1}"):
+            return train_net(a, *args, **kwargs)
+
+    def capped_split(*args, **kwargs):
+        labeled, unlabeled = labeled_split(*args, **kwargs)
+        return labeled[:steps * batch_size], unlabeled
+
+    method.warmup_epoch, method.divide, method.train_net = timed_warmup, timed_divide, timed_train_net
+    if steps is not None:
+        method.labeled_split = capped_split
+
+
+def run_cdmix(opts: BenchOptions, data: BenchData) -> dict[str, Any]:
+    from cdmix.engine import lr_at, seed_epoch
+    from cdmix.methods.base import autocast
+
+    with tempfile.TemporaryDirectory(prefix="cdmix-bench-") as tmp:
+        trainer = build_trainer(opts, data, Path(tmp))
+    config, method = trainer.config, trainer.method
+    device = torch.device(config.device)
+    channels_last = device.type == "cuda"
+    compile_status = "off"
+    if config.compile:
+        example = trainer.train.images.batch(torch.arange(min(2 * opts.batch_size, len(trainer.train)),
+                                                          device=device), augment=False)
+        statuses = []
+        for i, net in enumerate(method.nets):
+            if _is_compiled(net):
+                statuses.append("compiled")
+                continue
+            method.nets[i], status = compile_with_fallback(net, example)
+            statuses.append(status)
+        compile_status = statuses[0] if len(set(statuses)) == 1 else "; ".join(statuses)
+    amp = lambda: autocast(config)  # noqa: E731
+    bs = opts.batch_size
+    prime_s = 0.0
+    if device.type == "cuda":
+        shapes = [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs, min(opts.eval_batch_size, opts.images)})]
+        prime_s = prime(method.nets, method.optimizers, shapes, amp, device, channels_last)
+    reset_peak(device)
+    recorder = CallRecorder(method.nets)
+    timer = PhaseTimer(device, recorder)
+    instrument(method, timer, opts.steps, bs)
+    rows = []
+    for epoch in range(2):
+        ctx = seed_epoch(config, epoch)
+        method.set_lr(lr_at(config, epoch))
+        rows.append(method.train_epoch(ctx))
+    with timer.phase("test"):
+        evaluation = trainer.evaluate()
+    memory = peak_memory(device)
+    recorder.enabled = False
+    division = method.last_division or {}
+    p = config.p_threshold
+    train_masks = None
+    if "clean_prob_net1" in division:
+        # Net1 learns from net2's division, net2 from net1's.
+        train_masks = (np.asarray(division["clean_prob_net2"]) > p, np.asarray(division["clean_prob_net1"]) > p)
+    compute = replay(recorder.calls, method.nets, method.optimizers, amp, device, data.num_classes)
+    recorder.remove()
+    return {"seconds": timer.seconds, "compute_seconds": compute, "calls": recorder.calls,
+            "memory": memory, "test_acc": evaluation["test_acc"], "train_masks": train_masks,
+            "labeled": {"train net1": int(rows[1].get("labeled_used_net1", 0)),
+                        "train net2": int(rows[1].get("labeled_used_net2", 0))},
+            "trainer": trainer, "device": device, "compile": compile_status, "prime_seconds": prime_s,
+            "amp": bool(config.amp), "channels_last": channels_last, "config": config}
+
+
+def cdmix_data_path(images, n: int, batch_size: int, device: torch.device, seed: int) -> tuple[float, int, float]:
+    """cdmix's batch assembly: a device permutation, then two augmented views per batch (gather,
+    crop, flip, normalise). Returns (images/s, images, seconds)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    count = 0
+    sync(device)
+    t0 = time.perf_counter()
+    perm = torch.randperm(n, device=device, generator=gen)
+    for start in range(0, n, batch_size):
+        idx = perm[start:start + batch_size]
+        x1 = images.batch(idx, augment=True, generator=gen)
+        x2 = images.batch(idx, augment=True, generator=gen)
+        count += x1.shape[0] + x2.shape[0]
+    sync(device)
+    seconds = time.perf_counter() - t0
+    return count / seconds, count, seconds
+
+
+# ------------------------------------------------------------------------------------------------
+# reference
+# ------------------------------------------------------------------------------------------------
+
+
+def load_reference():
+    """The reference pipeline module from ``benchmarks/reference_pipeline.py`` of a source checkout, or None."""
+    for root in (repo_root(), Path.cwd()):
+        path = root / REFERENCE_FILE
+        if path.is_file():
+            name = "cdmix_bench_reference_pipeline"
+            if name in sys.modules:
+                return sys.modules[name]
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module  # DataLoader workers and pickling look classes up by module name
+            spec.loader.exec_module(module)
+            return module
+    return None
+
+
+def run_reference(ref, opts: BenchOptions, data: BenchData, device: torch.device, store,
+                  train_masks, flops_per_image: int) -> dict[str, Any]:
+    from cdmix.models import create_model
+
+    torch.manual_seed(opts.seed)
+
+    def build_model():
+        return create_model(opts.model, num_classes=data.num_classes, in_channels=3, width=opts.width)
+
+    reset_peak(device)
+    model = ref.ReferenceDivideMix(store, data.num_classes, build_model, device, batch_size=opts.batch_size,
+                                   num_workers=opts.resolved_workers(), mean=data.mean, std=data.std, warm_up=1,
+                                   seed=opts.seed)
+    recorder = CallRecorder(model.nets)
+    model.phase_hook = lambda name: setattr(recorder, "phase", name)
+    bs = opts.batch_size
+    prime_s = 0.0
+    if device.type == "cuda":
+        with ref._cudnn_benchmark(device):
+            shapes = [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs})]
+            prime_s = prime(model.nets, [model.opt1, model.opt2], shapes, contextlib.nullcontext, device, False)
+    try:
+        warm = model.warmup_epoch(max_steps=opts.steps)
+        epoch = model.dividemix_epoch(1, train_masks=train_masks, max_steps=opts.steps)
+    finally:
+        model.close()
+    memory = peak_memory(device)
+    recorder.enabled = False
+    seconds = {**warm.seconds, **epoch.seconds}
+    compute = None
+    if opts.reference_compute:
+        compute = replay(recorder.calls, model.nets, [model.opt1, model.opt2], contextlib.nullcontext, device,
+                         data.num_classes)
+    recorder.remove()
+    return {"seconds": seconds, "compute_seconds": compute, "calls": recorder.calls, "memory": memory,
+            "test_acc": epoch.test_acc, "labeled": epoch.labeled, "prime_seconds": prime_s,
+            "stats": phase_stats(recorder.calls, flops_per_image)}
+
+
+# ------------------------------------------------------------------------------------------------
+# the whole benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the whole benchmark; returns a JSON-able dict (``format_table`` prints it)."""
+    from cdmix.models import count_flops, create_model
+
+    validate_options(opts)
+    data = build_data(opts)
+    flops_per_image = count_flops(create_model(opts.model, data.num_classes, 3, opts.width), (3, 32, 32))
+    t_start = time.perf_counter()
+    cd = run_cdmix(opts, data)
+    device = cd["device"]
+    ref = load_reference() if opts.reference else None
+    reference_note = None
+    if opts.reference and ref is None:
+        reference_note = "reference not found (run from a source checkout)"
+        print(reference_note)
+    elif not opts.reference:
+        reference_note = "reference skipped (--no-reference)"
+    workers = opts.resolved_workers()
+    store_tmp = None
+    store = None
+    if ref is not None:
+        store, store_tmp = ref.temporary_store(data.train_images, data.noisy_labels, data.test_images,
+                                               data.test_labels)
+    # Data path, interleaved (cdmix, reference, cdmix, reference): best of two each.
+    images = cd["trainer"].train.images
+    n_data = len(images)
+    cd_ips, ref_ips = [], []
+    for _ in range(2):
+        cd_ips.append(cdmix_data_path(images, n_data, opts.batch_size, device, opts.seed)[0])
+        if ref is not None:
+            ref_ips.append(ref.data_path_images_per_second(store, opts.batch_size, workers, data.mean, data.std,
+                                                           device)[0])
+    reference = None
+    try:
+        if ref is not None:
+            reference = run_reference(ref, opts, data, device, store, cd["train_masks"], flops_per_image)
+    finally:
+        if store_tmp is not None:
+            store_tmp.cleanup()
+    stats = phase_stats(cd["calls"], flops_per_image)
+    phases = []
+    for name in PHASES:
+        row = {"phase": name, "cdmix_s": cd["seconds"].get(name), "compute_s": cd["compute_seconds"].get(name),
+               **{k: v for k, v in stats.get(name, {}).items()}}
+        if reference is not None:
+            row["reference_s"] = reference["seconds"].get(name)
+            if reference["compute_seconds"] is not None:
+                row["reference_compute_s"] = reference["compute_seconds"].get(name)
+            row["reference_steps"] = reference["stats"].get(name, {}).get("grad_steps")
+            row["reference_flops"] = reference["stats"].get(name, {}).get("flops")
+        phases.append(row)
+    epoch = {"phase": "DivideMix epoch (divide + train + test)"}
+    for key in ("cdmix_s", "compute_s", "reference_s", "reference_compute_s", "forwards", "grad_steps", "images",
+                "flops", "reference_steps", "reference_flops"):
+        values = [r.get(key) for r in phases if r["phase"] in EPOCH_PHASES]
+        if values and all(v is not None for v in values):
+            epoch[key] = sum(values)
+    result = {
+        "options": {k: v for k, v in asdict(opts).items()},
+        "machine": machine_info(device),
+        "data": data.description,
+        "num_train": len(data.noisy_labels),
+        "num_test": len(data.test_labels),
+        "flops_per_image": flops_per_image,
+        "amp": cd["amp"], "channels_last": cd["channels_last"], "compile": cd["compile"],
+        "faithful_order": not opts.fast,
+        "workers": workers,
+        "phases": phases,
+        "epoch": epoch,
+        "data_path": {"cdmix_images_per_s": max(cd_ips), "reference_images_per_s": max(ref_ips) if ref_ips else None,
+                      "images": 2 * n_data},
+        "memory": {"cdmix": cd["memory"], "reference": reference["memory"] if reference else None},
+        "labeled": cd["labeled"],
+        "test_acc": {"cdmix": cd["test_acc"], "reference": reference["test_acc"] if reference else None},
+        "prime_seconds": {"cdmix": cd["prime_seconds"], "reference": reference["prime_seconds"] if reference else None},
+        "reference_note": reference_note,
+        "total_seconds": time.perf_counter() - t_start,
+    }
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# the table
+# ------------------------------------------------------------------------------------------------
+
+
+def _f(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b <= 0:
+        return None
+    return a / b
+
+
+def _tflops(flops: float | None, seconds: float | None) -> str:
+    rate = _ratio(flops, seconds)
+    return "-" if rate is None else f"{rate / 1e12:.4f}"
+
+
+def _mib(memory: dict[str, float] | None) -> str:
+    if not memory:
+        return "-"
+    if "cuda_max_allocated_mib" in memory:
+        return f"{memory['cuda_max_allocated_mib']:.0f} MiB (CUDA max allocated)"
+    return (f"{memory['max_rss_mib']:.0f} MiB (process max RSS so far; workers "
+            f"{memory['children_max_rss_mib']:.0f} MiB)")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    opts, machine = result["options"], result["machine"]
+    has_ref = any(r.get("reference_s") is not None for r in result["phases"])
+    has_ref_compute = any(r.get("reference_compute_s") is not None for r in result["phases"])
+    where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads)"
+    lines = [
+        f"## cdmix bench: {opts['model']} width {opts['width']}, batch {opts['batch_size']}, {result['data']}",
+        "",
+        f"- device: {machine['device']} - {where}; torch {machine['torch']}, Python {machine['python']}",
+        f"- cdmix: {'faithful order' if result['faithful_order'] else '--fast (batched train-mode no-grad forwards)'}, "
+        f"bf16 autocast {'on' if result['amp'] else 'off'}, channels_last {'on' if result['channels_last'] else 'off'}, "
+        f"compile {result['compile']}; eval batch {opts['eval_batch_size']}",
+        f"- reference: benchmarks/reference_pipeline.py, per-sample Dataset + DataLoader with "
+        f"{result['workers']} workers (official: 5), fp32, loaders rebuilt per epoch"
+        + ("" if has_ref else f" - {result['reference_note']}"),
+        f"- {result['flops_per_image'] / 1e6:.1f} MFLOP forward per image; TFLOP/s = counted FLOPs "
+        "(fwd+bwd = 3x fwd) / phase seconds" + (f"; --steps {opts['steps']}" if opts.get("steps") else ""),
+        f"- command: `{opts['command'].strip()}`",
+        "",
+        "| phase | cdmix s | pure compute s | cdmix / compute | reference s | reference / cdmix | steps "
+        "| forwarded images | cdmix images/s | cdmix TFLOP/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["phases"] + [result["epoch"]]:
+        secs = row.get("cdmix_s")
+        lines.append("| " + " | ".join([
+            row["phase"], _f(secs), _f(row.get("compute_s")), _f(_ratio(secs, row.get("compute_s")), suffix="x"),
+            _f(row.get("reference_s")), _f(_ratio(row.get("reference_s"), secs), suffix="x"),
+            str(int(row["grad_steps"])) if row.get("grad_steps") is not None else "-",
+            str(int(row["images"])) if row.get("images") is not None else "-",
+            _f(_ratio(row.get("images"), secs), 0),
+            _tflops(row.get("flops"), secs),
+        ]) + " |")
+    epoch = result["epoch"]
+    warm = result["phases"][0]
+    n = result["num_train"]
+    dp = result["data_path"]
+    ratio_dp = _ratio(dp["cdmix_images_per_s"], dp["reference_images_per_s"])
+    ratio_compute = _ratio(epoch.get("cdmix_s"), epoch.get("compute_s"))
+    lines += [
+        "",
+        "| metric | cdmix | reference | ratio (target) |",
+        "|---|---:|---:|---:|",
+        f"| DivideMix epoch, dataset images/s ({n} / epoch s) | {_f(_ratio(n, epoch.get('cdmix_s')), 0)} "
+        f"| {_f(_ratio(n, epoch.get('reference_s')), 0)} "
+        f"| {_f(_ratio(epoch.get('reference_s'), epoch.get('cdmix_s')), suffix='x faster')} |",
+        f"| warm-up epoch, dataset images/s (2 nets x {n} / s) | {_f(_ratio(2 * n, warm.get('cdmix_s')), 0)} "
+        f"| {_f(_ratio(2 * n, warm.get('reference_s')), 0)} "
+        f"| {_f(_ratio(warm.get('reference_s'), warm.get('cdmix_s')), suffix='x faster')} |",
+        f"| epoch / pure model compute | {_f(ratio_compute, suffix='x')} "
+        f"| {_f(_ratio(epoch.get('reference_s'), epoch.get('reference_compute_s')), suffix='x') if has_ref_compute else '-'} "
+        f"| {'met' if ratio_compute is not None and ratio_compute <= TARGET_COMPUTE_RATIO else 'MISSED'} "
+        f"(<= {TARGET_COMPUTE_RATIO}x) |",
+        f"| data path images/s (batch assembly + crop/flip + normalise, {dp['images']} images) "
+        f"| {_f(dp['cdmix_images_per_s'], 0)} | {_f(dp['reference_images_per_s'], 0)} "
+        f"| {_f(ratio_dp, 1, 'x')} "
+        f"{'' if ratio_dp is None else ('met' if ratio_dp >= TARGET_DATA_PATH else 'MISSED')} (>= {TARGET_DATA_PATH:g}x) |",
+        f"| peak memory | {_mib(result['memory']['cdmix'])} | {_mib(result['memory']['reference'])} | |",
+        f"| estimated achieved TFLOP/s, DivideMix epoch | {_tflops(epoch.get('flops'), epoch.get('cdmix_s'))} "
+        f"| {_tflops(epoch.get('reference_flops'), epoch.get('reference_s'))} | |",
+        f"| labeled samples used (train net1 / net2) | {result['labeled']['train net1']} / "
+        f"{result['labeled']['train net2']} | {'same masks' if has_ref else '-'} | |",
+        f"| test accuracy after the epoch (%) | {_f(result['test_acc']['cdmix'])} | {_f(result['test_acc']['reference'])} | |",
+        "",
+        f"bench wall time {result['total_seconds']:.0f} s (untimed first-call priming: cdmix "
+        f"{_f(result['prime_seconds']['cdmix'], 1)} s, reference {_f(result['prime_seconds']['reference'], 1)} s)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,117 @@
+"""The command line: help, one-line errors with exit code 2, end-to-end runs on real data."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cdmix.cli import main
+
+
+def _run_main(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", [["train"], ["resume"], ["evaluate"], ["noise"], ["presets"], ["issues"]])
+def test_help(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0 and f"usage: cdmix {command[0]}" in capsys.readouterr().out
+
+
+def test_console_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "cdmix", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: cdmix" in out.stdout and "train" in out.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--dataset", "cifar10", "--data-path", "/nonexistent/cifar"], "/nonexistent/cifar"),
+    (["train", "--dataset", "imagenet"], "unknown dataset"),
+    (["train", "--method", "magic"], "unknown method"),
+    (["train", "--model", "resnet1000"], "unknown model"),
+    (["train", "--noise-rate", "1.5"], "noise rate"),
+    (["train", "--preset", "nope"], "unknown preset"),
+    (["resume", "/nonexistent/run"], "not a cdmix run folder"),
+    (["issues", "/nonexistent/run"], "label_issues.csv"),
+])
+def test_user_errors_are_one_line_exit_2(capsys, argv, message):
+    code, out, err = _run_main(capsys, *argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in out + err
+
+
+def test_error_from_installed_script_has_no_traceback(tmp_path):
+    bad = tmp_path / "empty_folder"
+    bad.mkdir()
+    (bad / "cat").mkdir()
+    out = subprocess.run([sys.executable, "-m", "cdmix", "train", "--dataset", "folder", "--data-path", str(bad)],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_noise_command_writes_official_format(capsys, tmp_path):
+    path = tmp_path / "0.4_sym.json"
+    code, out, _ = _run_main(capsys, "noise", str(path), "--noise-rate", "0.4", "--seed", "1")
+    assert code == 0 and "actual" in out
+    import json
+
+    labels = json.loads(path.read_text())
+    assert isinstance(labels, list) and all(isinstance(v, int) for v in labels) and len(labels) == 1347
+
+
+def test_presets_command_lists_published(capsys):
+    code, out, _ = _run_main(capsys, "presets")
+    assert code == 0
+    assert "dividemix-cifar10-sym50" in out and "94.6 / 94.4" in out
+
+
+@pytest.fixture(scope="module")
+def cifar10n_root(tmp_path_factory, cifar10_subset, cifar10n_file, cifar_writers):
+    """A small CIFAR-10N set from real images and real human labels (worst), in the official layouts."""
+    root = tmp_path_factory.mktemp("c10n")
+    d = cifar10_subset
+    keep = np.arange(0, len(d["train_images"]), 12)[:400]
+    cifar_writers["cifar10"](root, d["train_images"][keep], d["train_labels"][keep], d["test_images"][:200],
+                             d["test_labels"][:200])
+    human = torch.load(cifar10n_file, weights_only=False)
+    index = d["train_index"][keep]
+    labels = {k: np.asarray(v)[index] for k, v in human.items() if len(np.asarray(v)) == 50000}
+    torch.save(labels, root / "CIFAR-10_human.pt")
+    return root
+
+
+def test_train_evaluate_issues_on_real_cifar10n(capsys, tmp_path, cifar10n_root):
+    out_dir = tmp_path / "run"
+    code, out, err = _run_main(capsys, "train", "--dataset", "cifar10n", "--data-path", str(cifar10n_root),
+                               "--labels", "worst", "--model", "preact_resnet18", "--width", "4", "--epochs", "2",
+                               "--warmup", "1", "--batch-size", "32", "--out", str(out_dir), "--no-progress")
+    assert code == 0, err
+    assert "human" in out and "test accuracy" in out and "label_issues.csv" in out and "cdmix report" in out
+    from cdmix import runs
+
+    summary = runs.read_summary(out_dir)
+    assert 0.3 < summary["noise_rate_actual"] < 0.5  # CIFAR-10N worst is ~40% wrong
+    assert summary["epochs_done"] == 2
+    code, out, _ = _run_main(capsys, "evaluate", str(out_dir))
+    assert code == 0 and "test_acc" in out
+    acc = float(out.split("test_acc: ")[1].split("%")[0])
+    assert acc == pytest.approx(summary["test_acc_last"])
+    code, out, _ = _run_main(capsys, "issues", str(out_dir), "--top", "5")
+    assert code == 0 and len(out.strip().splitlines()) == 6 and "true" in out.splitlines()[0]
+
+
+def test_wrong_length_label_file_is_user_error(capsys, tmp_path, cifar10n_root):
+    bad = tmp_path / "short.pt"
+    labels = torch.load(cifar10n_root / "CIFAR-10_human.pt", weights_only=False)
+    torch.save({k: v[:10] for k, v in labels.items()}, bad)
+    code, _, err = _run_main(capsys, "train", "--dataset", "cifar10n", "--data-path", str(cifar10n_root),
+                             "--label-file", str(bad), "--out", str(tmp_path / "r"))
+    assert code == 2 and "labels" in err and "Traceback" not in err
