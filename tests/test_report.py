@@ -26,7 +26,7 @@ ALL_PLOTS = ("accuracy", "selection", "loss_hist", "training", "seconds", "confu
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real DivideMix run on digits: 2 warm-up epochs, then 3 epochs with a division (true labels known)."""
     out = tmp_path_factory.mktemp("tiny_run")
-    cdmix.train(cdmix.Config(dataset="digits", epochs=5, warmup=2, out=str(out), progress=False))
+    cdmix.train(cdmix.Config(dataset="digits", epochs=5, warmup=2, batch_size=32, out=str(out), progress=False))
     return out
 
 

@@ -117,12 +117,19 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write the table to this file (markdown; JSON if it ends in .json)")
 
 
-def options_from_args(args: argparse.Namespace) -> BenchOptions:
+def options_from_args(args: argparse.Namespace, command: str | None = None) -> BenchOptions:
     names = {f for f in BenchOptions.__dataclass_fields__}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    argv = sys.argv[1:] if sys.argv and sys.argv[0] else []
-    values["command"] = "cdmix " + " ".join(argv) if argv[:1] == ["bench"] else "cdmix bench " + " ".join(argv)
+    values = {k: v for k, v in vars(args).items() if k in names and k != "command"}
+    if command is None:
+        argv = sys.argv[1:]
+        command = "cdmix " + " ".join(argv) if "bench" in argv[:1] else "cdmix bench"
+    values["command"] = command
     return BenchOptions(**values)
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so a run cut off by a time limit still shows how far it got."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -468,8 +475,12 @@ def _subset_train(train, k: int):
                     index=train.index[:k], num_classes=train.num_classes)
 
 
-def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int) -> None:
-    """Time the method's phases by wrapping its own methods on the instance (the class is untouched)."""
+def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int) -> dict[str, np.ndarray]:
+    """Time the method's phases by wrapping its own methods on the instance (the class is untouched).
+
+    Returns a dict that fills with the labeled indices each ``train_net`` used (before the --steps
+    cap), keyed by the trained net's tag ("net1", "net2")."""
+    splits: dict[str, np.ndarray] = {}
     warmup_epoch, divide, train_net, labeled_split = (method.warmup_epoch, method.divide, method.train_net,
                                                       method.labeled_split)
 
@@ -491,13 +502,16 @@ def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int) ->
         with timer.phase(f"train net{a + 1}"):
             return train_net(a, *args, **kwargs)
 
-    def capped_split(*args, **kwargs):
-        labeled, unlabeled = labeled_split(*args, **kwargs)
-        return labeled[:steps * batch_size], unlabeled
+    def recorded_split(clean_prob, tag, *args, **kwargs):
+        labeled, unlabeled = labeled_split(clean_prob, tag, *args, **kwargs)
+        splits[tag] = labeled.cpu().numpy()
+        if steps is not None:
+            labeled = labeled[:steps * batch_size]
+        return labeled, unlabeled
 
     method.warmup_epoch, method.divide, method.train_net = timed_warmup, timed_divide, timed_train_net
-    if steps is not None:
-        method.labeled_split = capped_split
+    method.labeled_split = recorded_split
+    return splits
 
 
 def run_cdmix(opts: BenchOptions, data: BenchData) -> dict[str, Any]:
@@ -530,7 +544,7 @@ def run_cdmix(opts: BenchOptions, data: BenchData) -> dict[str, Any]:
     reset_peak(device)
     recorder = CallRecorder(method.nets)
     timer = PhaseTimer(device, recorder)
-    instrument(method, timer, opts.steps, bs)
+    splits = instrument(method, timer, opts.steps, bs)
     rows = []
     for epoch in range(2):
         ctx = seed_epoch(config, epoch)
@@ -540,12 +554,16 @@ def run_cdmix(opts: BenchOptions, data: BenchData) -> dict[str, Any]:
         evaluation = trainer.evaluate()
     memory = peak_memory(device)
     recorder.enabled = False
-    division = method.last_division or {}
-    p = config.p_threshold
+    # The labeled sets cdmix trained net1 and net2 on (net1 learns from net2's division and vice
+    # versa), as masks: the reference trains on the same sets, so both run the same steps.
     train_masks = None
-    if "clean_prob_net1" in division:
-        # Net1 learns from net2's division, net2 from net1's.
-        train_masks = (np.asarray(division["clean_prob_net2"]) > p, np.asarray(division["clean_prob_net1"]) > p)
+    if "net1" in splits and "net2" in splits:
+        masks = []
+        for tag in ("net1", "net2"):
+            mask = np.zeros(len(trainer.train), dtype=bool)
+            mask[splits[tag]] = True
+            masks.append(mask)
+        train_masks = tuple(masks)
     compute = replay(recorder.calls, method.nets, method.optimizers, amp, device, data.num_classes)
     recorder.remove()
     return {"seconds": timer.seconds, "compute_seconds": compute, "calls": recorder.calls,
@@ -665,8 +683,11 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     data = build_data(opts)
     flops_per_image = count_flops(create_model(opts.model, data.num_classes, 3, opts.width), (3, 32, 32))
     t_start = time.perf_counter()
+    log(f"data ready: {data.description}; running cdmix (warm-up + DivideMix epoch + test, then the replay)")
     cd = run_cdmix(opts, data)
     device = cd["device"]
+    log("cdmix: " + ", ".join(f"{k} {v:.2f}s" for k, v in cd["seconds"].items())
+        + "; pure compute: " + ", ".join(f"{k} {v:.2f}s" for k, v in cd["compute_seconds"].items()))
     ref = load_reference() if opts.reference else None
     reference_note = None
     if opts.reference and ref is None:
@@ -689,13 +710,17 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         if ref is not None:
             ref_ips.append(ref.data_path_images_per_second(store, opts.batch_size, workers, data.mean, data.std,
                                                            device)[0])
+    log(f"data path images/s: cdmix {max(cd_ips):.0f}" + (f", reference {max(ref_ips):.0f}" if ref_ips else ""))
     reference = None
     try:
         if ref is not None:
+            log(f"running the reference pipeline ({workers} DataLoader workers)")
             reference = run_reference(ref, opts, data, device, store, cd["train_masks"], flops_per_image)
     finally:
         if store_tmp is not None:
             store_tmp.cleanup()
+    if reference is not None:
+        log("reference: " + ", ".join(f"{k} {v:.2f}s" for k, v in reference["seconds"].items()))
     stats = phase_stats(cd["calls"], flops_per_image)
     phases = []
     for name in PHASES:

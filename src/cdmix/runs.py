@@ -42,6 +42,7 @@ labels.npz         the noisy labels training used and, where known, the true lab
 division.npz       per-sample losses, clean probabilities and GMM parameters of the last division
 label_issues.csv   every training sample ranked by how likely its label is wrong (cdmix issues <this folder>)
 report.html        the one-page report, when made (cdmix report <this folder>)
+report-*.png       the report's plots as images (also embedded in report.html)
 """
 
 

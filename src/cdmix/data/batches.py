@@ -1,7 +1,8 @@
 """Images kept as one uint8 tensor on the device; batches built by index, augmented as a batch.
 
-No per-sample Python: a batch is a gather of rows, a random crop done as one gather with
-per-sample offsets into a zero-padded copy, a flip done with ``torch.where``, then normalisation.
+No per-sample Python: an augmented batch is ONE gather from a strided view of every crop window
+of a zero-padded copy of the images and of its mirror image (built once), indexed by
+(row, row offset, column offset), then one fused uint8->float normalisation kernel.
 """
 
 from __future__ import annotations
@@ -46,16 +47,44 @@ class DeviceImages:
         return self.images.shape
 
     def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        out = images_uint8.float() * self.scale - self.shift
-        if self.channels_last:
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        # uint8 * float32 promotes inside one kernel (no separate .float() copy); the result is written
+        # straight into the requested memory format. Bit-identical to ``x.float() * scale - shift``.
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        out = torch.empty(images_uint8.shape, dtype=torch.float32, device=images_uint8.device,
+                          memory_format=memory_format)
+        torch.mul(images_uint8, self.scale, out=out)
+        return out.sub_(self.shift)
 
     def batch(self, idx: torch.Tensor, augment: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-        raw = self.images[idx]
         if augment:
-            raw = random_crop_flip(raw, self.pad, generator)
+            raw = self._crop_flip_rows(idx, generator)
+        else:
+            raw = self.images[idx]
         return self.normalise(raw)
+
+    def _windows(self) -> torch.Tensor:
+        """Every crop window of every image and of its mirror image, as one strided view.
+
+        Built once (lazily, on the first augmented batch) from a zero-padded copy of the images and
+        a flipped copy of that: ``2N x C x (2p+1) x (2p+1) x H x W`` (a view, 2 x N x C x (H+2p) x
+        (W+2p) bytes of storage). Rebuilt if ``self.images`` is replaced.
+        """
+        cache = self.__dict__.get("_window_cache")
+        if cache is None or cache[0] is not self.images:
+            windows = _crop_windows(self.images, self.pad)
+            self._window_cache = (self.images, windows)
+            return windows
+        return cache[1]
+
+    def _crop_flip_rows(self, idx: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """``random_crop_flip(self.images[idx], ...)`` as a single gather from the window view.
+
+        Same random draws in the same order, so the same generator state gives the same pixels.
+        """
+        windows = self._windows()
+        offsets, flip = _draw_crop_flip(idx.shape[0], self.pad, idx.device, generator)
+        sel, dy, dx = _window_index(idx, offsets, flip, len(self.images), self.pad)
+        return windows[sel, :, dy, dx]
 
 
 def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -63,19 +92,37 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator 
 
     images: uint8 (or float) B x C x H x W on any device. Offsets and flips are drawn from
     ``generator`` (on the images' device), so the same generator state gives the same batch.
+    Draw order: ``randint(0, 2*pad+1, (2, B))`` (row, column offsets), then ``rand(B) < 0.5`` (flip).
     """
-    batch, channels, height, width = images.shape
-    device = images.device
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    batch = images.shape[0]
+    offsets, flip = _draw_crop_flip(batch, pad, images.device, generator)
+    sel, dy, dx = _window_index(torch.arange(batch, device=images.device), offsets, flip, batch, pad)
+    return _crop_windows(images, pad)[sel, :, dy, dx]
+
+
+def _draw_crop_flip(batch: int, pad: int, device: torch.device,
+                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = torch.randint(0, 2 * pad + 1, (2, batch), device=device, generator=generator)
     flip = torch.rand(batch, device=device, generator=generator) < 0.5
-    rows = offsets[0].view(batch, 1) + torch.arange(height, device=device).view(1, height)
-    cols = offsets[1].view(batch, 1) + torch.arange(width, device=device).view(1, width)
-    # A flip is a reversed column order, folded into the same gather.
-    cols = torch.where(flip.view(batch, 1), cols.flip(1), cols)
-    b = torch.arange(batch, device=device).view(batch, 1, 1, 1)
-    c = torch.arange(channels, device=device).view(1, channels, 1, 1)
-    return padded[b, c, rows.view(batch, 1, height, 1), cols.view(batch, 1, 1, width)]
+    return offsets, flip
+
+
+def _crop_windows(images: torch.Tensor, pad: int) -> torch.Tensor:
+    """``2B x C x (2p+1) x (2p+1) x H x W`` view: rows 0..B-1 crop the zero-padded images, rows
+    B..2B-1 their mirror images. Indexing ``[row, :, dy, dx]`` gives one crop per row."""
+    height, width = images.shape[-2:]
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    both = torch.cat([padded, padded.flip(-1)])
+    return both.unfold(2, height, 1).unfold(3, width, 1)
+
+
+def _window_index(rows: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor, n: int,
+                  pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices into ``_crop_windows`` of ``n`` images: a flipped crop at column offset ``dx`` is the
+    crop of the mirrored padded image at ``2*pad - dx``."""
+    sel = rows + n * flip.to(rows.dtype)
+    dx = torch.where(flip, 2 * pad - offsets[1], offsets[1])
+    return sel, offsets[0], dx
 
 
 def iterate_batches(n: int, batch_size: int, device: torch.device | str,

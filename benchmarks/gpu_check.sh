@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# GPU checks for the speed issue (#5), for a session that has a CUDA machine.
+#
+#   bash benchmarks/gpu_check.sh RESULTS_DIR
+#
+# Run from the repository root. Installs the package (no dependencies, no network), runs the
+# GPU-marked tests and `cdmix bench` with hard time limits (the whole script stays under 8 minutes)
+# and writes every table and log into RESULTS_DIR:
+#
+#   versions.txt            torch / CUDA / GPU name
+#   pytest_gpu.txt          pytest -m gpu
+#   bench_faithful.md/.json PreAct ResNet-18 (width 64), batch 64, 50,000 random CIFAR-shaped
+#                           images, 50% sym noise, faithful preset, with the reference pipeline
+#   bench_fast.md/.json     the same with --fast, cdmix only
+#   bench_cifar100.md/.json CIFAR-100 shapes (100 classes), --steps 100, cdmix only: peak memory
+#   *.txt                   full stdout/stderr of each step; gpu_check.log: timings and exit codes
+#
+# Each step runs under `timeout`; a step that fails or runs out of time is logged and the script
+# goes on. Exit status: 0 when every step succeeded, 1 otherwise.
+set -u
+
+out=${1:?usage: bash benchmarks/gpu_check.sh RESULTS_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+failed=0
+
+log() {
+    echo "[gpu_check +$(( $(date +%s) - start ))s] $*" | tee -a "$out/gpu_check.log"
+}
+
+# step NAME LIMIT_SECONDS COMMAND...: run with a hard limit, output into $out/NAME.txt
+step() {
+    local name=$1 limit=$2
+    shift 2
+    log "start $name (limit ${limit}s): $*"
+    timeout --kill-after=10 "$limit" "$@" > "$out/$name.txt" 2>&1
+    local rc=$?
+    if [ "$rc" -ne 0 ]; then
+        failed=1
+        [ "$rc" -eq 124 ] && log "TIMEOUT $name after ${limit}s"
+    fi
+    log "end $name rc=$rc"
+    tail -n 40 "$out/$name.txt"
+    return 0
+}
+
+# Import the checkout even if the editable install below fails (no network, old pip).
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
+python - > "$out/versions.txt" 2>&1 <<'EOF'
+import platform, torch
+print("python", platform.python_version())
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE")
+EOF
+cat "$out/versions.txt" | tee -a "$out/gpu_check.log"
+
+step install 45 python -m pip install --no-deps --no-build-isolation -e .
+step pytest_gpu 75 python -m pytest -m gpu -q -p no:cacheprovider tests/
+
+BENCH=(python -m cdmix bench --model preact_resnet18 --width 64 --batch-size 64 --device cuda)
+step bench_faithful 230 "${BENCH[@]}" --images 50000 --out "$out/bench_faithful.json"
+step bench_fast 65 "${BENCH[@]}" --images 50000 --fast --no-reference --out "$out/bench_fast.json"
+step bench_cifar100 45 "${BENCH[@]}" --images 50000 --classes 100 --steps 100 --no-reference \
+    --out "$out/bench_cifar100.json"
+
+# Each bench prints its markdown table last; keep it next to the JSON for docs/RESULTS.md.
+for name in bench_faithful bench_fast bench_cifar100; do
+    if [ -f "$out/$name.txt" ]; then
+        sed -n '/^## cdmix bench/,$p' "$out/$name.txt" | grep -v '^wrote ' > "$out/$name.md"
+    fi
+done
+
+log "done in $(( $(date +%s) - start ))s, failed=$failed"
+exit "$failed"
