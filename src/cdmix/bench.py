@@ -67,6 +67,7 @@ class BenchOptions:
     steps: int | None = None  # cap on the training steps of each training phase
     reference: bool = True
     reference_compute: bool = False  # also replay the reference's forwards (its own overhead ratio)
+    replay_calls: int = 8  # pure compute: calls timed per distinct kind and phase (0: replay every call)
     compile: bool = False
     fast: bool = False
     classes: int = 10
@@ -107,6 +108,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the official-style reference pipeline")
     p.add_argument("--reference-compute", action="store_true",
                    help="also replay the reference's model calls alone (its own epoch/compute ratio)")
+    p.add_argument("--replay-calls", type=int, default=8,
+                   help="pure compute: time up to N calls of each distinct kind (net, shape, mode) per phase "
+                        "and scale to the epoch's count (default 8; 0 = replay every call)")
     p.add_argument("--compile", action="store_true", help="torch.compile the cdmix nets (eager fallback)")
     p.add_argument("--fast", action="store_true",
                    help="cdmix's --no-faithful-order variant (batched train-mode no-grad forwards)")
@@ -164,6 +168,8 @@ def validate_options(opts: BenchOptions) -> None:
         raise UserError(f"--steps must be positive, got {opts.steps}")
     if opts.workers is not None and opts.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {opts.workers}")
+    if opts.replay_calls < 0:
+        raise UserError(f"--replay-calls must be 0 or more, got {opts.replay_calls}")
     if opts.eval_batch_size < 1:
         raise UserError(f"--eval-batch-size must be positive, got {opts.eval_batch_size}")
     if opts.source == "subset" and opts.classes != 10:
@@ -340,11 +346,15 @@ def phase_stats(calls: list[Call], flops_per_image: int) -> dict[str, dict[str, 
 
 
 def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
-           amp: Callable[[], Any], device: torch.device, num_classes: int) -> dict[str, float]:
-    """The recorded forwards (and a backward + step after each grad forward) on pre-built batches.
+           amp: Callable[[], Any], device: torch.device, num_classes: int,
+           per_kind: int | None = None) -> dict[str, float]:
+    """Model compute alone: the recorded forwards (a backward + optimizer step after each grad
+    forward) on pre-built random batches of the recorded shapes. Returns seconds per phase.
 
-    One random input per distinct shape is built before the clock starts; nets are put in the
-    recorded train/eval mode and grad/no-grad/inference mode for every call. Returns seconds per phase.
+    Nets run in the recorded train/eval and grad/no-grad/inference modes. ``per_kind=None`` replays
+    every call in order; ``per_kind=k`` times at most k calls of each distinct kind (net, shape,
+    modes) per phase and scales that time to the kind's count in the epoch (same count and shapes,
+    a fraction of the cost).
     """
     pool: dict[tuple, torch.Tensor] = {}
     targets: dict[int, torch.Tensor] = {}
@@ -356,6 +366,26 @@ def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torc
             pool[key] = x.contiguous(memory_format=torch.channels_last) if c.channels_last else x
         if c.grad and c.shape[0] not in targets:
             targets[c.shape[0]] = torch.softmax(torch.randn(c.shape[0], num_classes, generator=gen), 1).to(device)
+
+    def run(c: Call) -> None:
+        net = nets[c.net]
+        if net.training != c.training:
+            net.train(c.training)
+        x = pool[(c.shape, c.channels_last)]
+        if c.inference:
+            with torch.inference_mode(), amp():
+                net(x)
+        elif not c.grad:
+            with torch.no_grad(), amp():
+                net(x)
+        else:
+            with amp():
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), targets[c.shape[0]])
+            optimizers[c.net].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers[c.net].step()
+
     was_training = [net.training for net in nets]
     seconds: dict[str, float] = {}
     order: list[str] = []
@@ -364,28 +394,27 @@ def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torc
             order.append(c.phase)
     for phase in order:
         phase_calls = [c for c in calls if c.phase == phase]
-        sync(device)
-        t0 = time.perf_counter()
+        if per_kind is None:
+            sync(device)
+            t0 = time.perf_counter()
+            for c in phase_calls:
+                run(c)
+            sync(device)
+            seconds[phase] = time.perf_counter() - t0
+            continue
+        kinds: dict[tuple, list[Call]] = {}
         for c in phase_calls:
-            net = nets[c.net]
-            if net.training != c.training:
-                net.train(c.training)
-            x = pool[(c.shape, c.channels_last)]
-            if c.inference:
-                with torch.inference_mode(), amp():
-                    net(x)
-            elif not c.grad:
-                with torch.no_grad(), amp():
-                    net(x)
-            else:
-                with amp():
-                    logits = net(x)
-                loss = F.cross_entropy(logits.float(), targets[c.shape[0]])
-                optimizers[c.net].zero_grad(set_to_none=True)
-                loss.backward()
-                optimizers[c.net].step()
-        sync(device)
-        seconds[phase] = time.perf_counter() - t0
+            kinds.setdefault((c.net, c.shape, c.channels_last, c.training, c.grad, c.inference), []).append(c)
+        total = 0.0
+        for group in kinds.values():
+            timed = group[:per_kind]
+            sync(device)
+            t0 = time.perf_counter()
+            for c in timed:
+                run(c)
+            sync(device)
+            total += (time.perf_counter() - t0) * len(group) / len(timed)
+        seconds[phase] = total
     for net, mode in zip(nets, was_training):
         net.train(mode)
     return seconds
@@ -564,7 +593,8 @@ def run_cdmix(opts: BenchOptions, data: BenchData) -> dict[str, Any]:
             mask[splits[tag]] = True
             masks.append(mask)
         train_masks = tuple(masks)
-    compute = replay(recorder.calls, method.nets, method.optimizers, amp, device, data.num_classes)
+    compute = replay(recorder.calls, method.nets, method.optimizers, amp, device, data.num_classes,
+                     opts.replay_calls or None)
     recorder.remove()
     return {"seconds": timer.seconds, "compute_seconds": compute, "calls": recorder.calls,
             "memory": memory, "test_acc": evaluation["test_acc"], "train_masks": train_masks,
@@ -646,7 +676,7 @@ def run_reference(ref, opts: BenchOptions, data: BenchData, device: torch.device
     compute = None
     if opts.reference_compute:
         compute = replay(recorder.calls, model.nets, [model.opt1, model.opt2], contextlib.nullcontext, device,
-                         data.num_classes)
+                         data.num_classes, opts.replay_calls or None)
     recorder.remove()
     return {"seconds": seconds, "compute_seconds": compute, "calls": recorder.calls, "memory": memory,
             "test_acc": epoch.test_acc, "labeled": epoch.labeled, "prime_seconds": prime_s,
@@ -809,6 +839,10 @@ def format_table(result: dict[str, Any]) -> str:
         f"- reference: benchmarks/reference_pipeline.py, per-sample Dataset + DataLoader with "
         f"{result['workers']} workers (official: 5), fp32, loaders rebuilt per epoch"
         + ("" if has_ref else f" - {result['reference_note']}"),
+        f"- pure compute: the epoch's recorded forwards (+ backward and SGD step after each grad forward) on "
+        "pre-built batches, " + ("every call replayed" if not opts.get("replay_calls") else
+                                 f"up to {opts['replay_calls']} calls of each distinct kind (net, shape, mode) "
+                                 "timed per phase and scaled to the epoch's count"),
         f"- {result['flops_per_image'] / 1e6:.1f} MFLOP forward per image; TFLOP/s = counted FLOPs "
         "(fwd+bwd = 3x fwd) / phase seconds" + (f"; --steps {opts['steps']}" if opts.get("steps") else ""),
         f"- command: `{opts['command'].strip()}`",

@@ -43,6 +43,7 @@ FLAG_HELP = {
     "device": "auto | cpu | cuda",
     "amp": "bf16 autocast (default: on for CUDA, off for CPU)",
     "compile": "torch.compile the models (falls back to eager when unavailable)",
+    "sync_bn": "under torchrun: synchronise BatchNorm statistics across ranks (default: per-rank BN)",
     "eval_batch_size": "batch size of the loss and test passes",
     "out": "run folder (default runs/<dataset>-<method>-<time>)",
     "overwrite": "replace an existing run in --out",
@@ -89,16 +90,21 @@ def config_from_args(args: argparse.Namespace):
 def cmd_train(args) -> int:
     from cdmix.engine import train
 
-    result = train(config_from_args(args))
-    print_end(result)
-    return 0
+    return finish(train(config_from_args(args)))
 
 
 def cmd_resume(args) -> int:
     from cdmix.engine import resume
 
-    result = resume(args.run_dir)
-    print_end(result)
+    return finish(resume(args.run_dir))
+
+
+def finish(result) -> int:
+    from cdmix import distributed
+
+    if distributed.current().is_main:
+        print_end(result)
+    distributed.cleanup()
     return 0
 
 

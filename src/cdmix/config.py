@@ -87,6 +87,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     amp: bool | None = None  # None: bf16 autocast on CUDA only
     compile: bool = False
+    sync_bn: bool = False  # torchrun: SyncBatchNorm instead of per-rank BN
     eval_batch_size: int = 1024
     out: str | None = None
     overwrite: bool = False

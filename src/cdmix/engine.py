@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cdmix import runs
+from cdmix import distributed, runs
 from cdmix.config import Config, load_json, resolve, save_json, validate
 from cdmix.data.batches import DeviceImages
 from cdmix.data.noise import apply_noise
@@ -74,14 +74,20 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def seed_epoch(config: Config, epoch: int) -> EpochContext:
-    """Seed every random source for ``epoch`` from (seed, epoch) alone."""
+    """Seed every random source for ``epoch`` from (seed, epoch) alone (and the rank, for augmentation)."""
     s = epoch_seed(config.seed, epoch)
     random.seed(s)
     np.random.seed(s % (2**32))
     torch.manual_seed(s)
     generator = torch.Generator(device=config.device)
     generator.manual_seed(s)
-    return EpochContext(epoch=epoch, generator=generator, rng=np.random.default_rng(s), progress=config.progress)
+    info = distributed.current()
+    aug_generator = None
+    if info.enabled:
+        aug_generator = torch.Generator(device=config.device)
+        aug_generator.manual_seed(int(np.random.SeedSequence([config.seed, epoch, info.rank]).generate_state(1)[0]))
+    return EpochContext(epoch=epoch, generator=generator, rng=np.random.default_rng(s),
+                        progress=config.progress and info.is_main, aug_generator=aug_generator)
 
 
 def rng_states() -> dict[str, Any]:
@@ -107,6 +113,7 @@ class Trainer:
     """Holds one run: its config, data on the device, method, and run folder."""
 
     def __init__(self, config: Config, run_dir: Path, data: PreparedData, resume: bool):
+        self.dist = distributed.current()
         self.config = config
         self.run_dir = run_dir
         self.data = data
@@ -172,10 +179,11 @@ class Trainer:
 
     def run(self) -> RunResult:
         config = self.config
-        log = runs.MetricsLog(self.run_dir, self.start_epoch)
+        main = self.dist.is_main
+        log = runs.MetricsLog(self.run_dir, self.start_epoch, tensorboard=main)
         last_row: dict[str, Any] = {}
         t_run = time.perf_counter()
-        print(f"run folder: {self.run_dir}")
+        say(f"run folder: {self.run_dir}" + (f"  ({self.dist.world_size} processes)" if self.dist.enabled else ""))
         try:
             for epoch in range(self.start_epoch, config.epochs):
                 t0 = time.perf_counter()
@@ -199,20 +207,23 @@ class Trainer:
                 else:
                     improved = False
                 self.watch_collapse(row, select_acc)
-                log.log(row)
                 last_row = row
                 seconds = self.seconds_before + time.perf_counter() - t_run
-                state = self.checkpoint_state(epoch, seconds)
-                runs.atomic_torch_save(state, self.run_dir / runs.CHECKPOINT)
-                if improved:
-                    runs.atomic_torch_save(state, self.run_dir / runs.BEST)
-                self.write_summary(epoch, seconds, log.rows)
-                print(epoch_line(config, row, self.best_acc))
+                if main:  # only rank 0 writes the run folder
+                    log.log(row)
+                    state = self.checkpoint_state(epoch, seconds)
+                    runs.atomic_torch_save(state, self.run_dir / runs.CHECKPOINT)
+                    if improved:
+                        runs.atomic_torch_save(state, self.run_dir / runs.BEST)
+                    self.write_summary(epoch, seconds, log.rows)
+                    print(epoch_line(config, row, self.best_acc))
+                distributed.barrier(self.dist)
         finally:
             log.close()
         if not last_row and self.start_epoch >= config.epochs:
-            print(f"run already finished ({config.epochs} epochs)")
+            say(f"run already finished ({config.epochs} epochs)")
         self.write_label_issues()
+        distributed.barrier(self.dist)
         summary = runs.read_summary(self.run_dir)
         return RunResult(self.run_dir, summary["test_acc_best"], summary["test_acc_last"], summary, log.rows)
 
@@ -222,7 +233,7 @@ class Trainer:
         row["collapse"] = int(drop >= self.config.collapse_drop)
         if row["collapse"]:
             self.collapse_count += 1
-            print(f"warning: accuracy dropped {drop:.1f} points below the best ({self.best_acc:.2f}% "
+            say(f"warning: accuracy dropped {drop:.1f} points below the best ({self.best_acc:.2f}% "
                   f"at epoch {self.best_epoch}): the run may be collapsing")
             if self.config.on_collapse == "rollback":
                 self.rollback(row)
@@ -233,7 +244,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.method.on_rollback(self.collapse_count)
         row["rollback"] = 1
-        print(f"rolled back to epoch {state['epoch']}; lr and pseudo-label weight cut "
+        say(f"rolled back to epoch {state['epoch']}; lr and pseudo-label weight cut "
               f"x{0.5 ** self.collapse_count:g}")
 
     def write_summary(self, epoch: int, seconds: float, rows: list[dict[str, Any]]) -> None:
@@ -266,6 +277,8 @@ class Trainer:
 
         clean_prob = self.method.clean_prob()
         logits = torch.stack(self.method.predict_logits(self.train.images, self.config.eval_batch_size)).sum(0)
+        if not self.dist.is_main:
+            return
         write_label_issues(
             self.run_dir / runs.LABEL_ISSUES,
             index=self.train.index,
@@ -310,18 +323,28 @@ def epoch_line(config: Config, row: dict[str, Any], best: float) -> str:
     return "  ".join(parts)
 
 
+def say(text: str) -> None:
+    """Print on rank 0 only (every line once under torchrun)."""
+    if distributed.current().is_main:
+        print(text, flush=True)
+
+
 def start_run(config: Config) -> Trainer:
     """Load the data, resolve the config, create the run folder and the trainer for a new run."""
     validate(config)
     data = load_data(config)
     config = resolve(config, data.raw.num_classes, data.raw.image_size)
+    info, rank_device = distributed.setup(config.device)
     run_dir = Path(config.out) if config.out else runs.default_run_dir(config.dataset, config.method)
-    runs.prepare_run_dir(run_dir, config.to_dict(), config.overwrite)
+    run_dir = Path(distributed.broadcast_object(str(run_dir), info))
     config = config.replace(out=str(run_dir))
-    save_json(config, run_dir / runs.CONFIG)
-    save_labels(run_dir, data)
-    print_data_line(config, data)
-    return Trainer(config, run_dir, data, resume=False)
+    if info.is_main:
+        runs.prepare_run_dir(run_dir, config.to_dict(), config.overwrite)
+        save_json(config, run_dir / runs.CONFIG)
+        save_labels(run_dir, data)
+        print_data_line(config, data)
+    distributed.barrier(info)
+    return Trainer(config.replace(device=rank_device), run_dir, data, resume=False)
 
 
 def resume_run(run_dir: str | Path) -> Trainer:
@@ -336,8 +359,9 @@ def resume_run(run_dir: str | Path) -> Trainer:
     if not np.array_equal(saved["train_labels"], data.raw.train_labels):
         raise UserError(f"the data no longer matches the labels saved in {run_dir / runs.LABELS}; "
                         "was the dataset or noise file changed?")
-    print(f"resuming {run_dir}")
-    return Trainer(config, run_dir, data, resume=True)
+    info, rank_device = distributed.setup(config.device)
+    say(f"resuming {run_dir}")
+    return Trainer(config.replace(device=rank_device), run_dir, data, resume=True)
 
 
 def save_labels(run_dir: Path, data: PreparedData) -> None:

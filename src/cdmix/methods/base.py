@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from cdmix import distributed
 from cdmix.config import Config
 from cdmix.data.batches import DeviceImages
 from cdmix.models import create_model
@@ -38,9 +39,16 @@ class EpochContext:
     """Per-epoch random sources and switches handed to ``Method.train_epoch``."""
 
     epoch: int
-    generator: torch.Generator  # on the device: permutations, crops, flips
-    rng: np.random.Generator  # host: MixUp lambda and other scalars
+    generator: torch.Generator  # on the device, the same on every rank: permutations of sample indices
+    rng: np.random.Generator  # host, the same on every rank: MixUp lambda and other scalars
     progress: bool
+    # On the device, this rank's own: crops, flips, MixUp permutations of the local batch.
+    # Single process: the very same generator object as ``generator``.
+    aug_generator: torch.Generator | None = None
+
+    def __post_init__(self):
+        if self.aug_generator is None:
+            self.aug_generator = self.generator
 
 
 def autocast(config: Config):
@@ -94,8 +102,13 @@ class Method:
         self.train = train
         self.num_classes = train.num_classes
         in_channels = train.images.shape[1]
-        self.nets = [build_net(config, self.num_classes, in_channels) for _ in range(self.num_nets)]
+        self.dist = distributed.current()
+        self.nets = [distributed.convert_sync_bn(build_net(config, self.num_classes, in_channels), self.dist,
+                                                 config.sync_bn) for _ in range(self.num_nets)]
         self.optimizers = [build_optimizer(config, net) for net in self.nets]
+        # Training forwards go through these: DDP wrappers under torchrun, compiled or plain nets otherwise.
+        self.train_nets = [maybe_compile(config, distributed.wrap(net, self.dist, config.device, config.sync_bn))
+                           for net in self.nets]
         self.last_division: dict[str, np.ndarray] | None = None
         # Cut by the collapse guard's rollback: scales the lr and the pseudo-label weight.
         self.damping = 1.0
@@ -127,15 +140,17 @@ class Method:
             net.eval()
         outputs: list[list[torch.Tensor]] = [[] for _ in nets]
         n = len(images)
+        first, stop = distributed.shard_range(n, self.dist)
         with autocast(self.config):
-            for start in range(0, n, batch_size):
-                idx = torch.arange(start, min(start + batch_size, n), device=images.device)
+            for start in range(first, stop, batch_size):
+                idx = torch.arange(start, min(start + batch_size, stop), device=images.device)
                 x = images.batch(idx, augment=False)
                 for out, net in zip(outputs, nets):
                     out.append(net(x).float())
         for net, mode in zip(nets, was_training):
             net.train(mode)
-        return [torch.cat(out) for out in outputs]
+        empty = torch.zeros((0, self.num_classes), device=images.device)
+        return [distributed.gather_rows(torch.cat(out) if out else empty, n, self.dist) for out in outputs]
 
     @torch.inference_mode()
     def per_sample_losses(self, net: torch.nn.Module) -> torch.Tensor:
@@ -145,13 +160,15 @@ class Method:
         losses = []
         images, labels = self.train.images, self.train.labels
         n, bs = len(images), self.config.eval_batch_size
+        first, stop = distributed.shard_range(n, self.dist)
         with autocast(self.config):
-            for start in range(0, n, bs):
-                idx = torch.arange(start, min(start + bs, n), device=images.device)
+            for start in range(first, stop, bs):
+                idx = torch.arange(start, min(start + bs, stop), device=images.device)
                 logits = net(images.batch(idx, augment=False)).float()
                 losses.append(F.cross_entropy(logits, labels[idx], reduction="none"))
         net.train(was_training)
-        return torch.cat(losses)
+        local = torch.cat(losses) if losses else torch.zeros(0, device=images.device)
+        return distributed.gather_rows(local, n, self.dist)
 
     def clean_prob(self) -> np.ndarray:
         """Probability that each training sample's label is clean, from the last division.
@@ -202,20 +219,26 @@ def supervised_epoch(config: Config, net: torch.nn.Module, optimizer: torch.opti
                      desc: str) -> float:
     """One epoch of cross-entropy on the noisy labels (the baseline, and DivideMix's warm-up).
 
-    Returns the mean training loss. ``neg_entropy`` adds the official confidence penalty
+    ``net`` is the training module (``Method.train_nets[i]``); ``batch_size`` is per rank.
+    Returns the mean training loss (of this rank's batches). ``neg_entropy`` adds the official confidence penalty
     (+mean Σ p log p) used for asymmetric noise.
     """
     from cdmix.losses import neg_entropy_penalty
 
     net.train()
+    info = distributed.current()
+    global_batch = batch_size * info.world_size
     n = len(train)
     total = torch.zeros((), device=train.labels.device)
     steps = 0
     perm = torch.randperm(n, device=train.labels.device, generator=ctx.generator)
-    with progress_bar((n + batch_size - 1) // batch_size, desc, ctx.progress) as bar:
-        for start in range(0, n, batch_size):
-            idx = perm[start:start + batch_size]
-            x = train.images.batch(idx, augment=True, generator=ctx.generator)
+    with progress_bar((n + global_batch - 1) // global_batch, desc, ctx.progress) as bar:
+        for start in range(0, n, global_batch):
+            chunk = perm[start:start + global_batch]
+            if len(chunk) < info.world_size:  # too small to give every rank a sample: all ranks stop
+                break
+            idx = distributed.local_slice(chunk, info)
+            x = train.images.batch(idx, augment=True, generator=ctx.aug_generator)
             with autocast(config):
                 logits = net(x)
             logits = logits.float()

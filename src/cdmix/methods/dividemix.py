@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cdmix import distributed
 from cdmix import losses as L
 from cdmix.methods.base import EpochContext, Method, autocast, progress_bar, supervised_epoch
 from cdmix.selection import fit_gmm_clean_prob, loss_history_average, minmax_normalise, selection_metrics
@@ -56,7 +57,7 @@ class DivideMix(Method):
     def warmup_epoch(self, ctx: EpochContext) -> dict[str, float]:
         row = {}
         t0 = time.perf_counter()
-        for i, (net, opt) in enumerate(zip(self.nets, self.optimizers), start=1):
+        for i, (net, opt) in enumerate(zip(self.train_nets, self.optimizers), start=1):
             row[f"loss_net{i}"] = supervised_epoch(self.config, net, opt, self.train, 2 * self.config.batch_size,
                                                    bool(self.config.neg_entropy), ctx,
                                                    desc=f"epoch {ctx.epoch} warm-up net{i}")
@@ -90,7 +91,21 @@ class DivideMix(Method):
                              f"gmm_weights_{tag}": np.asarray(params["weights"])})
         division["clean_prob"] = np.mean(clean_probs, axis=0)
         self.last_division = division
+        if self.dist.enabled:
+            row["division_ranks_agree"] = int(self.ranks_agree(clean_probs))
         return clean_probs
+
+    def ranks_agree(self, clean_probs: list[np.ndarray]) -> bool:
+        """Under torchrun: do all ranks hold the same division? (A checksum of each, all-gathered.)"""
+        labeled = [np.flatnonzero(p > self.config.p_threshold) for p in clean_probs]
+        checksum = torch.tensor([float(p.sum()) for p in clean_probs] + [float((idx * 2654435761 % 1000003).sum())
+                                                                         for idx in labeled],
+                                dtype=torch.float64, device=self.train.labels.device)
+        gathered = distributed.gather_rows(checksum.view(1, -1), self.dist.world_size, self.dist)
+        agree = bool((gathered == gathered[0]).all())
+        if not agree:
+            print(f"warning: rank {self.dist.rank} holds a different division from rank 0")
+        return agree
 
     def add_selection_metrics(self, row: dict, tag: str, selected: np.ndarray, score: np.ndarray) -> None:
         if self.train.true_labels is None:
@@ -119,13 +134,13 @@ class DivideMix(Method):
 
     def train_net(self, a: int, b: int, clean_prob: np.ndarray, ctx: EpochContext) -> dict[str, float]:
         config = self.config
-        net, partner, optimizer = self.nets[a], self.nets[b], self.optimizers[a]
+        net, partner, optimizer = self.train_nets[a], self.nets[b], self.optimizers[a]
         net.train()
         partner.eval()
         device = self.train.labels.device
         labeled_idx, unlabeled_idx = self.labeled_split(clean_prob, f"net{a + 1}")
         weights = torch.as_tensor(clean_prob, dtype=torch.float32, device=device)
-        bs = config.batch_size
+        bs = config.batch_size * self.dist.world_size  # the global batch; each rank takes its slice
         n_labeled = len(labeled_idx)
         num_iter = n_labeled // bs + 1  # official: fractional epoch of the λu ramp
         num_batches = (n_labeled + bs - 1) // bs
@@ -135,8 +150,11 @@ class DivideMix(Method):
         lambda_u_eff = 0.0
         with progress_bar(num_batches, f"epoch {ctx.epoch} train net{a + 1}", ctx.progress) as bar:
             for batch_idx in range(num_batches):
-                idx_x = labeled_perm[batch_idx * bs:(batch_idx + 1) * bs]
-                idx_u = next(unlabeled_batches)
+                chunk = labeled_perm[batch_idx * bs:(batch_idx + 1) * bs]
+                if len(chunk) < self.dist.world_size:  # too small to give every rank a sample
+                    break
+                idx_x = distributed.local_slice(chunk, self.dist)
+                idx_u = distributed.local_slice(next(unlabeled_batches), self.dist)
                 ramp = L.linear_rampup(ctx.epoch + batch_idx / num_iter, config.warmup, config.rampup_epochs)
                 lambda_u_eff = config.lambda_u * ramp * self.damping
                 total, lx, lu, penalty = self.step(net, partner, optimizer, idx_x, idx_u, weights, lambda_u_eff, ctx)
@@ -184,7 +202,7 @@ class DivideMix(Method):
     def step(self, net, partner, optimizer, idx_x, idx_u, weights, lambda_u_eff, ctx):
         config = self.config
         images = self.train.images
-        gen = ctx.generator
+        gen = ctx.aug_generator
         x1 = images.batch(idx_x, augment=True, generator=gen)
         x2 = images.batch(idx_x, augment=True, generator=gen)
         has_u = len(idx_u) > 0

@@ -10,7 +10,7 @@ class Standard(Method):
     num_nets = 1
 
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
-        loss = supervised_epoch(self.config, self.nets[0], self.optimizers[0], self.train,
+        loss = supervised_epoch(self.config, self.train_nets[0], self.optimizers[0], self.train,
                                 self.config.batch_size, bool(self.config.neg_entropy), ctx,
                                 desc=f"epoch {ctx.epoch} CE")
         return {"train_loss": loss}
