@@ -24,7 +24,11 @@ def _launch(nproc: int, *args: str, **kwargs) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen, timeout: int = 240) -> str:
-    out = proc.communicate(timeout=timeout)[0]
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # never leave a hung rank behind
+        raise AssertionError(f"torchrun did not finish in {timeout} s: {proc.communicate()[0][-3000:]}")
     assert proc.returncode == 0, out
     return out
 

@@ -36,7 +36,7 @@ class Config:
     noise_file: str | None = None
     val_fraction: float = 0.0  # held-out part of the (noisy) training set for model selection
     open_set_rate: float = 0.0
-    open_set_source: str = "noise"  # noise | digits | cifar100
+    open_set_source: str = "noise"  # noise | digits | npz:PATH | cifar100:PATH
     # --- model
     model: str | None = None  # None: a sensible default per dataset
     width: int | None = None
@@ -78,6 +78,7 @@ class Config:
     epochs: int | None = None
     batch_size: int = 64
     lr: float = 0.02
+    optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "step"  # step | cosine
@@ -179,6 +180,14 @@ def validate(config: Config) -> None:
         raise UserError(f"unknown device {config.device!r}; use auto, cpu or cuda")
     if config.schedule not in ("step", "cosine"):
         raise UserError(f"unknown lr schedule {config.schedule!r}; use step or cosine")
+    if config.optimizer not in ("sgd", "adam"):
+        raise UserError(f"unknown optimizer {config.optimizer!r}; use sgd or adam")
+    if not 0.0 < config.stab_teacher_cap <= 1.0:
+        raise UserError(f"teacher confidence cap must be in (0, 1], got {config.stab_teacher_cap}")
+    if not 0.0 <= config.stab_blend_selection <= 1.0:
+        raise UserError(f"selection blend weight must be in [0, 1], got {config.stab_blend_selection}")
+    if not 0.0 <= config.stab_slow_ema < 1.0:
+        raise UserError(f"slow EMA decay must be in [0, 1), got {config.stab_slow_ema}")
     if config.on_collapse not in ("warn", "rollback"):
         raise UserError(f"--on-collapse must be warn or rollback, got {config.on_collapse!r}")
     if config.batch_size < 1 or (config.epochs is not None and config.epochs < 1):

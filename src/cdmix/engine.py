@@ -130,6 +130,7 @@ class Trainer:
             true_labels=None if true is None else torch.as_tensor(true, dtype=torch.int64)[train_idx].to(device),
             index=data.train_pos,
             num_classes=raw.num_classes,
+            is_ood=None if raw.train_is_ood is None else torch.as_tensor(raw.train_is_ood)[train_idx].to(device),
         )
         self.val_images = _subset(all_images, torch.as_tensor(data.val_pos)) if len(data.val_pos) else None
         self.val_labels = labels[torch.as_tensor(data.val_pos)].to(device) if len(data.val_pos) else None

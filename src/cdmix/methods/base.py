@@ -29,6 +29,7 @@ class TrainSet:
     true_labels: torch.Tensor | None
     index: np.ndarray
     num_classes: int
+    is_ood: torch.Tensor | None = None  # bool (N,): open-set images (when --open-set-rate is used)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -72,6 +73,9 @@ def build_net(config: Config, num_classes: int, in_channels: int) -> torch.nn.Mo
 
 
 def build_optimizer(config: Config, net: torch.nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum (DivideMix, the default) or Adam (the official Jo-SRC CIFAR run)."""
+    if config.optimizer == "adam":
+        return torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
 
@@ -132,9 +136,12 @@ class Method:
         return self.nets
 
     @torch.inference_mode()
-    def predict_logits(self, images: DeviceImages, batch_size: int) -> list[torch.Tensor]:
-        """Logits of each prediction net on all ``images`` (no augmentation), float32, each N x C."""
-        nets = self.eval_nets()
+    def predict_logits(self, images: DeviceImages, batch_size: int,
+                       nets: list[torch.nn.Module] | None = None) -> list[torch.Tensor]:
+        """Logits of each net (default: the prediction nets) on all ``images``, eval mode, no
+        augmentation, float32, each N x C. Under torchrun each rank computes a block and all ranks
+        receive the same gathered result."""
+        nets = self.eval_nets() if nets is None else nets
         was_training = [net.training for net in nets]
         for net in nets:
             net.eval()

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cdmix import distributed
 from cdmix import losses as L
 from cdmix.data.strong_aug import strong_augment
 from cdmix.methods.base import EpochContext, autocast, progress_bar
@@ -185,21 +186,24 @@ class Hybrid(DivideMix):
         teacher's EMA update after every step.
         """
         c = self.config
-        net, opt, teacher = self.nets[i], self.optimizers[i], self.teachers[i]
+        net, opt, teacher = self.train_nets[i], self.optimizers[i], self.teachers[i]
         train = self.train
         net.train()
         device = train.labels.device
         if indices is None:
             indices = torch.arange(len(train), device=device)
-        n, bs = len(indices), 2 * c.batch_size
+        n, bs = len(indices), 2 * c.batch_size * self.dist.world_size  # global batch
         decay = self.ema_decay(ctx.epoch)
         perm = indices[torch.randperm(n, device=device, generator=ctx.generator)]
         total = torch.zeros((), device=device)
         steps = 0
         with progress_bar((n + bs - 1) // bs, desc, ctx.progress) as bar:
             for start in range(0, n, bs):
-                idx = perm[start:start + bs]
-                x = train.images.batch(idx, augment=True, generator=ctx.generator)
+                chunk = perm[start:start + bs]
+                if len(chunk) < self.dist.world_size:  # too small to give every rank a sample
+                    break
+                idx = distributed.local_slice(chunk, self.dist)
+                x = train.images.batch(idx, augment=True, generator=ctx.aug_generator)
                 with autocast(c):
                     logits = net(x)
                 logits = logits.float()
@@ -211,29 +215,17 @@ class Hybrid(DivideMix):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                L.ema_update_(teacher.parameters(), net.parameters(), decay)
+                L.ema_update_(teacher.parameters(), self.nets[i].parameters(), decay)
                 total += loss.detach()
                 steps += 1
                 bar.update(1)
         return float(total) / max(steps, 1)
 
     # ----- selection
-    @torch.no_grad()
     def train_logits(self) -> list[torch.Tensor]:
-        """Logits of each trained net on every training sample: eval mode, no augmentation."""
-        outs = []
-        images, bs = self.train.images, self.config.eval_batch_size
-        for net in self.nets:
-            was = net.training
-            net.eval()
-            parts = []
-            with autocast(self.config):
-                for start in range(0, len(images), bs):
-                    idx = torch.arange(start, min(start + bs, len(images)), device=images.device)
-                    parts.append(net(images.batch(idx, augment=False)).float())
-            net.train(was)
-            outs.append(torch.cat(parts))
-        return outs
+        """Logits of each trained net on every training sample: eval mode, no augmentation (the same
+        on every rank under torchrun)."""
+        return self.predict_logits(self.train.images, self.config.eval_batch_size, nets=self.nets)
 
     def divide(self, ctx: EpochContext, row: dict[str, float]) -> list[np.ndarray]:
         """JS clean likelihood of the averaged prediction (and optionally a GMM blend); one score for
@@ -301,7 +293,7 @@ class Hybrid(DivideMix):
         device = self.train.labels.device
         labeled_idx, unlabeled_idx = self.labeled_split(clean_prob, f"net{a + 1}")
         weights = torch.as_tensor(clean_prob, dtype=torch.float32, device=device)
-        bs = c.batch_size
+        bs = c.batch_size * self.dist.world_size  # global batch; each rank takes its slice
         n_labeled = len(labeled_idx)
         num_iter = n_labeled // bs + 1
         num_batches = (n_labeled + bs - 1) // bs
@@ -314,8 +306,11 @@ class Hybrid(DivideMix):
         lambda_u_eff = 0.0
         with progress_bar(num_batches, f"epoch {ctx.epoch} train net{a + 1}", ctx.progress) as bar:
             for batch_idx in range(num_batches):
-                idx_x = labeled_perm[batch_idx * bs:(batch_idx + 1) * bs]
-                idx_u = next(unlabeled_batches)
+                chunk = labeled_perm[batch_idx * bs:(batch_idx + 1) * bs]
+                if len(chunk) < self.dist.world_size:  # too small to give every rank a sample
+                    break
+                idx_x = distributed.local_slice(chunk, self.dist)
+                idx_u = distributed.local_slice(next(unlabeled_batches), self.dist)
                 ramp = L.linear_rampup(ctx.epoch + batch_idx / num_iter, start, c.rampup_epochs)
                 lambda_u_eff = c.lambda_u * ramp * scale
                 parts = self.hybrid_step(a, idx_x, idx_u, weights, lambda_u_eff, ctx)
@@ -345,8 +340,8 @@ class Hybrid(DivideMix):
     def hybrid_step(self, a, idx_x, idx_u, weights, lambda_u_eff, ctx):
         """Loss of one batch for net ``a``: (total, Lx, Lu, penalty, L_cons), float32 scalars."""
         c = self.config
-        net = self.nets[a]
-        images, gen = self.train.images, ctx.generator
+        net = self.train_nets[a]
+        images, gen = self.train.images, ctx.aug_generator
         x1 = images.batch(idx_x, augment=True, generator=gen)
         x2 = images.batch(idx_x, augment=True, generator=gen)
         has_u = len(idx_u) > 0
@@ -372,16 +367,21 @@ class Hybrid(DivideMix):
         lam = L.sample_mix_lambda(c.alpha, ctx.rng)
         perm = torch.randperm(len(all_inputs), device=all_inputs.device, generator=gen)
         mixed_inputs, mixed_targets = L.mixup(all_inputs, all_targets, lam, perm)
+        consistency = c.lambda_cons > 0
         with autocast(c):
-            logits = net(mixed_inputs)
+            if consistency and self.dist.enabled:
+                # DDP allows one forward per backward: the mixed batch and the two views at once.
+                logits, views_out = net(torch.cat([mixed_inputs, torch.cat(views)])).split(len(mixed_inputs))
+            else:
+                logits = net(mixed_inputs)
+                views_out = net(torch.cat(views)) if consistency else None
         logits = logits.float()
         total, lx, lu, penalty = L.dividemix_loss(logits, mixed_targets, 2 * len(idx_x), lambda_u_eff)
         if c.stab_confidence_penalty > 0:
             total = total + c.stab_confidence_penalty * L.neg_entropy_penalty(logits)
-        if c.lambda_cons > 0:
+        if consistency:
             # Views in the order [x1, x2, u1, u2]: view 1 = x1 ∪ u1, view 2 = x2 ∪ u2.
-            with autocast(c):
-                out = net(torch.cat(views)).float()
+            out = views_out.float()
             nx, nu = len(idx_x), len(idx_u) if has_u else 0
             v1 = torch.cat([out[:nx], out[2 * nx:2 * nx + nu]])
             v2 = torch.cat([out[nx:2 * nx], out[2 * nx + nu:]])

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cdmix import distributed
 from cdmix import losses as L
 from cdmix.data.strong_aug import strong_augment
 from cdmix.methods.base import EpochContext, Method, autocast, progress_bar
@@ -232,23 +233,30 @@ class JoSRC(Method):
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
         c = self.config
         t0 = time.perf_counter()
-        net, opt, teacher = self.nets[0], self.optimizers[0], self.teacher
+        net, opt, teacher = self.train_nets[0], self.optimizers[0], self.teacher
         warm = ctx.epoch < c.warmup
         tau = self.tau(ctx.epoch)
         decay = self.ema_decay(ctx.epoch)
         thresholds = self.class_thresholds(tau)
-        train, images, gen = self.train, self.train.images, ctx.generator
-        n, bs = len(train), c.batch_size
+        train, images, gen = self.train, self.train.images, ctx.aug_generator
+        n, bs = len(train), c.batch_size * self.dist.world_size  # global batch; each rank takes its slice
         device = train.labels.device
         net.train()
-        perm = torch.randperm(n, device=device, generator=gen)
+        perm = torch.randperm(n, device=device, generator=ctx.generator)
+        if self.dist.enabled:  # each sample is seen by one rank; the ranks' parts are summed at the end
+            self.p_clean.zero_()
+            self.ood_flag.zero_()
+            self.seen.zero_()
         sums = torch.zeros(3, device=device)
         counts = torch.zeros(3, device=device)
         steps = 0
         with progress_bar((n + bs - 1) // bs, f"epoch {ctx.epoch} {'warm-up' if warm else 'train'}",
                           ctx.progress) as bar:
             for start in range(0, n, bs):
-                idx = perm[start:start + bs]
+                chunk = perm[start:start + bs]
+                if len(chunk) < self.dist.world_size:  # too small to give every rank a sample
+                    break
+                idx = distributed.local_slice(chunk, self.dist)
                 x1 = images.batch(idx, augment=True, generator=gen)
                 x2 = images.batch(idx, augment=True, generator=gen)
                 if c.stab_strong_aug:
@@ -256,7 +264,10 @@ class JoSRC(Method):
                 else:
                     s1, s2 = x1, x2
                 with autocast(c):
-                    logits1, logits2 = net(s1), net(s2)
+                    if self.dist.enabled:  # DDP allows one forward per backward: both views at once
+                        logits1, logits2 = net(torch.cat([s1, s2])).chunk(2)
+                    else:
+                        logits1, logits2 = net(s1), net(s2)
                 logits1, logits2 = logits1.float(), logits2.float()
                 labels = train.labels[idx]
                 smoothed = L.smooth_labels(labels, self.num_classes, c.smooth_eps)
@@ -290,7 +301,7 @@ class JoSRC(Method):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                L.ema_update_(teacher.parameters(), net.parameters(), decay)
+                L.ema_update_(teacher.parameters(), self.nets[0].parameters(), decay)
                 self.p_clean[idx] = p_clean
                 self.ood_flag[idx] = ood
                 self.seen[idx] = True
@@ -298,6 +309,8 @@ class JoSRC(Method):
                 counts += torch.stack([clean.sum(), (~clean & ~ood).sum(), ood.sum()]).float()
                 steps += 1
                 bar.update(1)
+        if self.dist.enabled:
+            self.gather_epoch_state(counts)
         row = self.epoch_metrics(ctx.epoch, tau, thresholds, sums / max(steps, 1), counts / max(n, 1))
         row["ema_decay"] = decay
         row["seconds_train"] = time.perf_counter() - t0
@@ -306,6 +319,16 @@ class JoSRC(Method):
             self.swa.recompute_bn(images, c.eval_batch_size, c)
             row["swa_count"] = self.swa.count
         return row
+
+    def gather_epoch_state(self, counts: torch.Tensor) -> None:
+        """Under torchrun: sum the ranks' per-sample likelihoods, OOD flags and counts (in place)."""
+        import torch.distributed as dist
+
+        flags = torch.stack([self.ood_flag.float(), self.seen.float()])
+        for tensor in (self.p_clean, flags, counts):
+            dist.all_reduce(tensor)
+        self.ood_flag.copy_(flags[0] > 0)
+        self.seen.copy_(flags[1] > 0)
 
     def epoch_metrics(self, epoch, tau, thresholds, means, fractions) -> dict[str, float]:
         means, fractions = means.tolist(), fractions.tolist()
