@@ -48,8 +48,8 @@ def settings(folder: Path, quick: bool) -> list[tuple[str, dict]]:
     if (SHARED / "cifar10-subset").is_dir():
         out.append(("CIFAR-10N worst (real 5.5k subset)",
                     dict(dataset="npz", data_path=str(cifar10n_subset_npz(folder)), noise_rate=0.0,
-                         model="preact_resnet18", width=8 if quick else 16, epochs=6 if quick else 30,
-                         warmup=2 if quick else 10, lambda_u=25, lr_step=4 if quick else 20)))
+                         model="preact_resnet18", width=8, epochs=6 if quick else 12,
+                         warmup=2 if quick else 4, lambda_u=25, lr_step=4 if quick else 8)))
     return out
 
 

@@ -129,3 +129,14 @@ def cifar100_root(tmp_path_factory: pytest.TempPathFactory, cifar100_subset: dic
 def cifar_writers() -> dict[str, object]:
     """``{"cifar10": write_cifar10, "cifar100": write_cifar100}`` for tests that build their own layout."""
     return {"cifar10": write_cifar10, "cifar100": write_cifar100}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny nets run far faster on one thread (and do not thrash a shared CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -18,12 +18,7 @@ from cdmix.methods.hybrid import Hybrid, late_fraction
 from cdmix.selection import blend_clean_prob, fit_gmm_clean_prob, running_mean_update
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_train(n=64, classes=4, seed=0, size=8):

@@ -18,13 +18,7 @@ from cdmix.methods.base import EpochContext, TrainSet
 from cdmix.methods.josrc import SWA, JoSRC, cap_confidence, josrc_weighted_loss, ood_metrics, soft_ood_score
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny nets run far faster on one thread (and do not thrash a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_train(n=48, classes=4, seed=0, size=8):

@@ -140,29 +140,39 @@ class DivideMix(Method):
         device = self.train.labels.device
         labeled_idx, unlabeled_idx = self.labeled_split(clean_prob, f"net{a + 1}")
         weights = torch.as_tensor(clean_prob, dtype=torch.float32, device=device)
-        bs = config.batch_size * self.dist.world_size  # the global batch; each rank takes its slice
+        sums = torch.zeros(4, device=device)
+        lambda_u_eff = 0.0
+        steps = 0
+        for epoch_frac, idx_x, idx_u in self.mixmatch_batches(labeled_idx, unlabeled_idx, ctx, f"net{a + 1}"):
+            ramp = L.linear_rampup(epoch_frac, config.warmup, config.rampup_epochs)
+            lambda_u_eff = config.lambda_u * ramp * self.damping
+            total, lx, lu, penalty = self.step(net, partner, optimizer, idx_x, idx_u, weights, lambda_u_eff, ctx)
+            sums += torch.stack([total.detach(), lx.detach(), lu.detach(), penalty.detach()])
+            steps += 1
+        means = (sums / max(steps, 1)).tolist()
+        return {"loss": means[0], "lx": means[1], "lu": means[2], "penalty": means[3],
+                "lambda_u_eff": lambda_u_eff, "labeled_used": len(labeled_idx)}
+
+    def mixmatch_batches(self, labeled_idx: torch.Tensor, unlabeled_idx: torch.Tensor, ctx: EpochContext,
+                         tag: str):
+        """One pass over the shuffled labeled set, each batch paired with the next unlabeled batch
+        (the unlabeled set restarts when exhausted). Yields (fractional epoch of the official λu
+        ramp, this rank's labeled indices, this rank's unlabeled indices)."""
+        bs = self.config.batch_size * self.dist.world_size  # the global batch; each rank takes its slice
         n_labeled = len(labeled_idx)
         num_iter = n_labeled // bs + 1  # official: fractional epoch of the λu ramp
         num_batches = (n_labeled + bs - 1) // bs
+        device = labeled_idx.device
         labeled_perm = labeled_idx[torch.randperm(n_labeled, device=device, generator=ctx.generator)]
         unlabeled_batches = self.cycle(unlabeled_idx, bs, ctx.generator)
-        sums = torch.zeros(4, device=device)
-        lambda_u_eff = 0.0
-        with progress_bar(num_batches, f"epoch {ctx.epoch} train net{a + 1}", ctx.progress) as bar:
+        with progress_bar(num_batches, f"epoch {ctx.epoch} train {tag}", ctx.progress) as bar:
             for batch_idx in range(num_batches):
                 chunk = labeled_perm[batch_idx * bs:(batch_idx + 1) * bs]
                 if len(chunk) < self.dist.world_size:  # too small to give every rank a sample
                     break
-                idx_x = distributed.local_slice(chunk, self.dist)
-                idx_u = distributed.local_slice(next(unlabeled_batches), self.dist)
-                ramp = L.linear_rampup(ctx.epoch + batch_idx / num_iter, config.warmup, config.rampup_epochs)
-                lambda_u_eff = config.lambda_u * ramp * self.damping
-                total, lx, lu, penalty = self.step(net, partner, optimizer, idx_x, idx_u, weights, lambda_u_eff, ctx)
-                sums += torch.stack([total.detach(), lx.detach(), lu.detach(), penalty.detach()])
+                yield (ctx.epoch + batch_idx / num_iter, distributed.local_slice(chunk, self.dist),
+                       distributed.local_slice(next(unlabeled_batches), self.dist))
                 bar.update(1)
-        means = (sums / max(num_batches, 1)).tolist()
-        return {"loss": means[0], "lx": means[1], "lu": means[2], "penalty": means[3],
-                "lambda_u_eff": lambda_u_eff, "labeled_used": n_labeled}
 
     @staticmethod
     def cycle(indices: torch.Tensor, batch_size: int, generator: torch.Generator):

@@ -293,36 +293,24 @@ class Hybrid(DivideMix):
         device = self.train.labels.device
         labeled_idx, unlabeled_idx = self.labeled_split(clean_prob, f"net{a + 1}")
         weights = torch.as_tensor(clean_prob, dtype=torch.float32, device=device)
-        bs = c.batch_size * self.dist.world_size  # global batch; each rank takes its slice
-        n_labeled = len(labeled_idx)
-        num_iter = n_labeled // bs + 1
-        num_batches = (n_labeled + bs - 1) // bs
-        labeled_perm = labeled_idx[torch.randperm(n_labeled, device=device, generator=ctx.generator)]
-        unlabeled_batches = self.cycle(unlabeled_idx, bs, ctx.generator)
         start = self.ramp_start(ctx.epoch)
         scale = self.lambda_u_scale(ctx.epoch) * self.damping
         decay = self.ema_decay(ctx.epoch)
         sums = torch.zeros(5, device=device)
         lambda_u_eff = 0.0
-        with progress_bar(num_batches, f"epoch {ctx.epoch} train net{a + 1}", ctx.progress) as bar:
-            for batch_idx in range(num_batches):
-                chunk = labeled_perm[batch_idx * bs:(batch_idx + 1) * bs]
-                if len(chunk) < self.dist.world_size:  # too small to give every rank a sample
-                    break
-                idx_x = distributed.local_slice(chunk, self.dist)
-                idx_u = distributed.local_slice(next(unlabeled_batches), self.dist)
-                ramp = L.linear_rampup(ctx.epoch + batch_idx / num_iter, start, c.rampup_epochs)
-                lambda_u_eff = c.lambda_u * ramp * scale
-                parts = self.hybrid_step(a, idx_x, idx_u, weights, lambda_u_eff, ctx)
-                optimizer.zero_grad(set_to_none=True)
-                parts[0].backward()
-                optimizer.step()
-                L.ema_update_(self.teachers[a].parameters(), net.parameters(), decay)
-                sums += torch.stack([p.detach() for p in parts])
-                bar.update(1)
-        means = (sums / max(num_batches, 1)).tolist()
+        steps = 0
+        for epoch_frac, idx_x, idx_u in self.mixmatch_batches(labeled_idx, unlabeled_idx, ctx, f"net{a + 1}"):
+            lambda_u_eff = c.lambda_u * L.linear_rampup(epoch_frac, start, c.rampup_epochs) * scale
+            parts = self.hybrid_step(a, idx_x, idx_u, weights, lambda_u_eff, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            parts[0].backward()
+            optimizer.step()
+            L.ema_update_(self.teachers[a].parameters(), net.parameters(), decay)
+            sums += torch.stack([p.detach() for p in parts])
+            steps += 1
+        means = (sums / max(steps, 1)).tolist()
         return {"loss": means[0], "lx": means[1], "lu": means[2], "penalty": means[3], "lcons": means[4],
-                "lambda_u_eff": lambda_u_eff, "labeled_used": n_labeled}
+                "lambda_u_eff": lambda_u_eff, "labeled_used": len(labeled_idx)}
 
     def pseudo_labels(self, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
         """Teachers' pseudo-labels: views-mean of softmax((mt1(u) + mt2(u)) / 2), sharpened, with the
