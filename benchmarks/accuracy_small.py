@@ -56,7 +56,8 @@ def settings(folder: Path, quick: bool) -> list[tuple[str, dict]]:
 def run_one(folder: Path, name: str, method: str, seed: int, values: dict) -> dict:
     out = folder / f"{name.split()[0]}-{values.get('noise_rate')}-{method}-{seed}"
     t0 = time.perf_counter()
-    result = cdmix.train(Config(method=method, seed=seed, out=str(out), progress=False, **values))
+    result = cdmix.train(Config(method=method, seed=seed, out=str(out), progress=False, val_fraction=0.0,
+                                **values))
     issues = cdmix.rank_label_issues(result.run_dir)
     noisy = issues.given_label != issues.true_label
     auc = roc_auc_score(noisy, issues.issue_score) if 0 < noisy.sum() < len(noisy) else float("nan")

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_check.sh RESULTS_DIR
 #
-# Run from the repository root. Installs the package (no dependencies, no network), runs the
+# Run from anywhere inside the checkout. Installs the package (no dependencies, no network), runs the
 # GPU-marked tests and `cdmix bench` with hard time limits (the whole script stays under 8 minutes)
 # and writes every table and log into RESULTS_DIR:
 #
@@ -17,7 +17,16 @@
 #
 # Each step runs under `timeout`; a step that fails or runs out of time is logged and the script
 # goes on. Exit status: 0 when every step succeeded, 1 otherwise.
+#
+# For a dry run of the same steps on a CPU at toy sizes (no install):
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_IMAGES=128 GPU_CHECK_WIDTH=2 GPU_CHECK_SKIP_INSTALL=1 \
+#   GPU_CHECK_EXTRA="--steps 1 --threads 1 --workers 0 --batch-size 16" bash benchmarks/gpu_check.sh /tmp/gc
 set -u
+
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+IMAGES=${GPU_CHECK_IMAGES:-50000}
+WIDTH=${GPU_CHECK_WIDTH:-64}
+EXTRA=${GPU_CHECK_EXTRA:-}
 
 out=${1:?usage: bash benchmarks/gpu_check.sh RESULTS_DIR}
 mkdir -p "$out"
@@ -59,19 +68,22 @@ print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO
 EOF
 cat "$out/versions.txt" | tee -a "$out/gpu_check.log"
 
-step install 45 python -m pip install --no-deps --no-build-isolation -e .
-step pytest_gpu 75 python -m pytest -m gpu -q -p no:cacheprovider tests/
+if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
+    step install 40 python -m pip install --no-deps --no-build-isolation -e .
+fi
+step pytest_gpu 70 python -m pytest -m gpu -q -p no:cacheprovider tests/
 
-BENCH=(python -m cdmix bench --model preact_resnet18 --width 64 --batch-size 64 --device cuda)
-step bench_faithful 230 "${BENCH[@]}" --images 50000 --out "$out/bench_faithful.json"
-step bench_fast 65 "${BENCH[@]}" --images 50000 --fast --no-reference --out "$out/bench_fast.json"
-step bench_cifar100 45 "${BENCH[@]}" --images 50000 --classes 100 --steps 100 --no-reference \
-    --out "$out/bench_cifar100.json"
+# shellcheck disable=SC2206  # EXTRA is a list of flags
+BENCH=(python -m cdmix bench --model preact_resnet18 --width "$WIDTH" --batch-size 64 --device "$DEVICE"
+       --images "$IMAGES" $EXTRA)
+step bench_faithful 220 "${BENCH[@]}" --out "$out/bench_faithful.json"
+step bench_fast 60 "${BENCH[@]}" --fast --no-reference --out "$out/bench_fast.json"
+step bench_cifar100 40 "${BENCH[@]}" --classes 100 --steps 100 --no-reference --out "$out/bench_cifar100.json"
 
 # Each bench prints its markdown table last; keep it next to the JSON for docs/RESULTS.md.
 for name in bench_faithful bench_fast bench_cifar100; do
     if [ -f "$out/$name.txt" ]; then
-        sed -n '/^## cdmix bench/,$p' "$out/$name.txt" | grep -v '^wrote ' > "$out/$name.md"
+        sed -n '/^## cdmix bench/,$p' "$out/$name.txt" | grep -v -e '^wrote ' -e '^\[bench\]' > "$out/$name.md"
     fi
 done
 

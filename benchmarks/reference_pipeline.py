@@ -259,6 +259,7 @@ class ReferenceDivideMix:
         self.phase_hook = phase_hook or (lambda name: None)
         self.log = open(os.devnull, "w")  # the official script writes a progress line every step
         self.np_rng = np.random.RandomState(seed)
+        self.probs: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def nets(self) -> list[torch.nn.Module]:
@@ -407,19 +408,41 @@ class ReferenceDivideMix:
             for group in opt.param_groups:
                 group["lr"] = lr
 
-    def warmup_epoch(self, max_steps: int | None = None) -> ReferenceResult:
-        """Official warm-up epoch: rebuild the per-epoch loaders, CE on both nets (batch 2B)."""
-        result = ReferenceResult()
+    def divide_phase(self, result: ReferenceResult) -> tuple[np.ndarray, np.ndarray]:
+        """Official co-divide: eval_train of both nets (loss per sample, GMM). Returns (prob1, prob2)."""
         with _cudnn_benchmark(self.device):
-            t0 = self._begin("warm-up epoch")
-            self.loader.run("test")  # built every epoch by the official loop
-            self.loader.run("eval_train")
-            warmup_loader = self.loader.run("warmup")
-            steps = self.warmup(self.net1, self.opt1, warmup_loader, max_steps)
-            steps += self.warmup(self.net2, self.opt2, warmup_loader, max_steps)
-            self._end(result, "warm-up epoch", t0)
-        result.steps["warm-up epoch"] = steps
-        return result
+            t0 = self._begin("divide")
+            eval_loader = self.loader.run("eval_train")
+            prob1 = self.eval_train(self.net1, self.all_loss[0], eval_loader)
+            prob2 = self.eval_train(self.net2, self.all_loss[1], eval_loader)
+            self._end(result, "divide", t0)
+        self.probs = (prob1, prob2)
+        return prob1, prob2
+
+    def train_phase(self, which: int, epoch: int, result: ReferenceResult, pred: np.ndarray | None = None,
+                    max_steps: int | None = None) -> None:
+        """Train net ``which`` (1 or 2) on its partner's division: fresh labeled + unlabeled loaders.
+
+        ``pred`` (labeled mask) replaces the partner's own ``prob > p_threshold`` when given.
+        """
+        name = f"train net{which}"
+        net, net2, opt = (self.net1, self.net2, self.opt1) if which == 1 else (self.net2, self.net1, self.opt2)
+        prob = self.probs[1] if which == 1 else self.probs[0]  # net1 learns from net2's division
+        if pred is None:
+            pred = prob > self.p_threshold
+        pred = np.asarray(pred, dtype=bool)
+        with _cudnn_benchmark(self.device):
+            t0 = self._begin(name)
+            labeled_loader, unlabeled_loader = self.loader.run("train", pred, prob)
+            result.steps[name] = self.train(epoch, net, net2, opt, labeled_loader, unlabeled_loader, max_steps)
+            result.labeled[name] = int(pred.sum())
+            self._end(result, name, t0)
+
+    def test_phase(self, result: ReferenceResult) -> None:
+        with _cudnn_benchmark(self.device):
+            t0 = self._begin("test")
+            result.test_acc = self.test(self.loader.run("test"))
+            self._end(result, "test", t0)
 
     def dividemix_epoch(self, epoch: int, train_masks: tuple[np.ndarray, np.ndarray] | None = None,
                         max_steps: int | None = None) -> ReferenceResult:
@@ -430,25 +453,25 @@ class ReferenceDivideMix:
         steps; the per-sample losses and GMMs are still computed (and timed) the official way.
         """
         result = ReferenceResult()
+        self.divide_phase(result)
+        for which in (1, 2):
+            self.train_phase(which, epoch, result, None if train_masks is None else train_masks[which - 1],
+                             max_steps)
+        self.test_phase(result)
+        return result
+
+    def warmup_epoch(self, max_steps: int | None = None, result: ReferenceResult | None = None) -> ReferenceResult:
+        """Official warm-up epoch: rebuild the per-epoch loaders, CE on both nets (batch 2B)."""
+        result = ReferenceResult() if result is None else result
         with _cudnn_benchmark(self.device):
-            t0 = self._begin("divide")
-            eval_loader = self.loader.run("eval_train")
-            prob1 = self.eval_train(self.net1, self.all_loss[0], eval_loader)
-            prob2 = self.eval_train(self.net2, self.all_loss[1], eval_loader)
-            pred1, pred2 = prob1 > self.p_threshold, prob2 > self.p_threshold
-            self._end(result, "divide", t0)
-            if train_masks is not None:
-                pred2, pred1 = np.asarray(train_masks[0], bool), np.asarray(train_masks[1], bool)
-            for name, net, net2, opt, pred, prob in (("train net1", self.net1, self.net2, self.opt1, pred2, prob2),
-                                                     ("train net2", self.net2, self.net1, self.opt2, pred1, prob1)):
-                t0 = self._begin(name)
-                labeled_loader, unlabeled_loader = self.loader.run("train", pred, prob)
-                result.steps[name] = self.train(epoch, net, net2, opt, labeled_loader, unlabeled_loader, max_steps)
-                result.labeled[name] = int(pred.sum())
-                self._end(result, name, t0)
-            t0 = self._begin("test")
-            result.test_acc = self.test(self.loader.run("test"))
-            self._end(result, "test", t0)
+            t0 = self._begin("warm-up epoch")
+            self.loader.run("test")  # built every epoch by the official loop
+            self.loader.run("eval_train")
+            warmup_loader = self.loader.run("warmup")
+            steps = self.warmup(self.net1, self.opt1, warmup_loader, max_steps)
+            steps += self.warmup(self.net2, self.opt2, warmup_loader, max_steps)
+            self._end(result, "warm-up epoch", t0)
+        result.steps["warm-up epoch"] = steps
         return result
 
 

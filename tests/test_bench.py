@@ -20,10 +20,19 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 TINY = ["bench", "--images", "96", "--width", "2", "--batch-size", "16", "--steps", "2", "--workers", "0",
-        "--eval-batch-size", "64"]
+        "--eval-batch-size", "64", "--threads", "1"]
 ROWS = ("| warm-up epoch |", "| divide |", "| train net1 |", "| train net2 |", "| test |",
         "| DivideMix epoch (divide + train + test) |", "epoch / pure model compute", "data path images/s",
         "peak memory", "estimated achieved TFLOP/s", "dataset images/s")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread is faster and immune to a busy machine's scheduling stalls."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 def _tiny_method(faithful: bool = True, device: str = "cpu", images: int = 64, width: int = 2):

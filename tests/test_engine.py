@@ -161,3 +161,23 @@ def test_standard_method_trains(tmp_path):
                                 progress=False))
     assert result.test_acc_best > 60
     assert np.isfinite([r["train_loss"] for r in result.metrics]).all()
+
+
+def test_validation_split_selects_best_and_rollback_restores_it(tmp_path):
+    """A tiny collapse threshold makes every dip a 'collapse': each is flagged and rolled back."""
+    result = cdmix.train(Config(method="standard", epochs=6, batch_size=32, val_fraction=0.2, lr=0.1,
+                                collapse_drop=0.01, on_collapse="rollback", out=str(tmp_path / "rb"),
+                                progress=False))
+    rows = result.metrics
+    summary = result.summary
+    assert summary["selected_by"] == "val_acc" and summary["num_val"] == round(0.2 * 1347)
+    assert all("val_acc" in r for r in rows)
+    flagged = [r for r in rows if int(r["collapse"]) == 1]
+    assert flagged, "with a 0.01-point threshold some epoch must dip below the best"
+    assert all(int(r.get("rollback", 0)) == 1 for r in flagged)
+    state = torch.load(tmp_path / "rb" / "checkpoint.pt", weights_only=False)
+    assert state["collapse_count"] == len(flagged)
+    assert state["method"]["damping"] == pytest.approx(0.5 ** len(flagged))
+    best = torch.load(tmp_path / "rb" / "best.pt", weights_only=False)
+    assert best["epoch"] == summary["selected_epoch"]
+    assert max(float(r["val_acc"]) for r in rows) == pytest.approx(best["best_acc"])

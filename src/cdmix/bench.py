@@ -73,6 +73,7 @@ class BenchOptions:
     classes: int = 10
     workers: int | None = None  # reference DataLoader workers; None: min(5, CPU count)
     eval_batch_size: int = 1024
+    threads: int | None = None  # torch intra-op threads; None: torch's default
     seed: int = 0
     out: str | None = None
     command: str = ""
@@ -117,6 +118,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", type=int, default=10, choices=(10, 100), help="10 (CIFAR-10) or 100 (CIFAR-100)")
     p.add_argument("--workers", type=int, help="reference DataLoader workers (default min(5, CPUs); official 5)")
     p.add_argument("--eval-batch-size", type=int, default=1024, help="cdmix loss/test pass batch (default 1024)")
+    p.add_argument("--threads", type=int, help="torch CPU threads for this run (default: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the table to this file (markdown; JSON if it ends in .json)")
 
@@ -168,6 +170,8 @@ def validate_options(opts: BenchOptions) -> None:
         raise UserError(f"--steps must be positive, got {opts.steps}")
     if opts.workers is not None and opts.workers < 0:
         raise UserError(f"--workers must be 0 or more, got {opts.workers}")
+    if opts.threads is not None and opts.threads < 1:
+        raise UserError(f"--threads must be positive, got {opts.threads}")
     if opts.replay_calls < 0:
         raise UserError(f"--replay-calls must be 0 or more, got {opts.replay_calls}")
     if opts.eval_batch_size < 1:
@@ -252,7 +256,7 @@ def build_trainer(opts: BenchOptions, data: BenchData, run_dir: Path):
     from cdmix.engine import PreparedData, Trainer
 
     config = Config(dataset="cifar100" if data.num_classes == 100 else "cifar10", method="dividemix",
-                    model=opts.model, width=opts.width, warmup=1, epochs=2, batch_size=opts.batch_size,
+                    model=opts.model, width=opts.width, warmup=1, epochs=2, lr_step=150, batch_size=opts.batch_size,
                     device=opts.device, compile=opts.compile, faithful_order=not opts.fast, progress=False,
                     seed=opts.seed, noise_mode="sym", noise_rate=0.5, eval_batch_size=opts.eval_batch_size)
     validate(config)
@@ -477,24 +481,29 @@ def _is_compiled(net: torch.nn.Module) -> bool:
 
 
 def compile_with_fallback(net: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, str]:
-    """torch.compile ``net`` and try it once (eval, no grad); eager with the reason when it fails."""
+    """torch.compile ``net`` and try it once (eval, no grad); eager with the reason when it fails.
+
+    ``torch.compile`` itself is lazy: most failures (no C++ compiler, unsupported platform) only
+    show at the first call, hence the trial forward.
+    """
+    was = net.training
     try:
         compiled = torch.compile(net)
-        was = net.training
         net.eval()
         with torch.no_grad():
             compiled(example)
         net.train(was)
         return compiled, "compiled"
     except Exception as exc:  # compile support varies by platform and install
-        net.train(True)
-        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        net.train(was)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {first[:200]}"
         print(f"warning: --compile could not be used ({reason}); running eagerly")
-        return net, f"eager (compile failed: {reason})"
+        return net, "eager (compile failed)"
 
 
 def _subset_train(train, k: int):
-    """The first ``k`` samples of a TrainSet (a view for --steps in the warm-up)."""
+    """The first ``k`` samples of a TrainSet (a view, for --steps in the warm-up)."""
     from cdmix.methods.base import TrainSet
 
     images = copy.copy(train.images)
@@ -504,11 +513,14 @@ def _subset_train(train, k: int):
                     index=train.index[:k], num_classes=train.num_classes)
 
 
-def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int) -> dict[str, np.ndarray]:
+def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int,
+               after: Callable[[str], None] = lambda name: None) -> dict[str, np.ndarray]:
     """Time the method's phases by wrapping its own methods on the instance (the class is untouched).
 
-    Returns a dict that fills with the labeled indices each ``train_net`` used (before the --steps
-    cap), keyed by the trained net's tag ("net1", "net2")."""
+    ``after(phase)`` runs when a phase has finished, outside its timed region. Returns a dict that
+    fills with the labeled indices each ``train_net`` used (before the --steps cap), keyed by the
+    trained net's tag ("net1", "net2").
+    """
     splits: dict[str, np.ndarray] = {}
     warmup_epoch, divide, train_net, labeled_split = (method.warmup_epoch, method.divide, method.train_net,
                                                       method.labeled_split)
@@ -519,17 +531,24 @@ def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int) ->
             method.train = _subset_train(full, min(len(full), steps * 2 * batch_size))
         try:
             with timer.phase("warm-up epoch"):
-                return warmup_epoch(ctx)
+                row = warmup_epoch(ctx)
         finally:
             method.train = full
+        after("warm-up epoch")
+        return row
 
     def timed_divide(*args, **kwargs):
         with timer.phase("divide"):
-            return divide(*args, **kwargs)
+            out = divide(*args, **kwargs)
+        after("divide")
+        return out
 
     def timed_train_net(a, *args, **kwargs):
-        with timer.phase(f"train net{a + 1}"):
-            return train_net(a, *args, **kwargs)
+        name = f"train net{a + 1}"
+        with timer.phase(name):
+            out = train_net(a, *args, **kwargs)
+        after(name)
+        return out
 
     def recorded_split(clean_prob, tag, *args, **kwargs):
         labeled, unlabeled = labeled_split(clean_prob, tag, *args, **kwargs)
@@ -543,19 +562,51 @@ def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int) ->
     return splits
 
 
-def run_cdmix(opts: BenchOptions, data: BenchData) -> dict[str, Any]:
-    from cdmix.engine import lr_at, seed_epoch
-    from cdmix.methods.base import autocast
+def snapshot(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]) -> tuple[list, list]:
+    return ([copy.deepcopy(n.state_dict()) for n in nets], [copy.deepcopy(o.state_dict()) for o in optimizers])
 
-    with tempfile.TemporaryDirectory(prefix="cdmix-bench-") as tmp:
-        trainer = build_trainer(opts, data, Path(tmp))
-    config, method = trainer.config, trainer.method
-    device = torch.device(config.device)
-    channels_last = device.type == "cuda"
-    compile_status = "off"
-    if config.compile:
-        example = trainer.train.images.batch(torch.arange(min(2 * opts.batch_size, len(trainer.train)),
-                                                          device=device), augment=False)
+
+def restore(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], state: tuple[list, list]) -> None:
+    for net, sd in zip(nets, state[0]):
+        net.load_state_dict(sd)
+    for opt, sd in zip(optimizers, state[1]):
+        opt.load_state_dict(sd)
+
+
+class CdmixSide:
+    """The real Trainer + DivideMix, instrumented; replays each phase's model calls right after it."""
+
+    def __init__(self, opts: BenchOptions, data: BenchData, after_phase: Callable[[str], None]):
+        from cdmix.methods.base import autocast
+
+        self.opts, self.data = opts, data
+        self.trainer = build_trainer(opts, data, Path(tempfile.gettempdir()) / "cdmix-bench-unused")
+        self.config, self.method = self.trainer.config, self.trainer.method
+        self.device = torch.device(self.config.device)
+        self.channels_last = self.device.type == "cuda"
+        self.amp = lambda: autocast(self.config)
+        self.compile_status = "off"
+        if self.config.compile:
+            self._compile()
+        self.prime_seconds = 0.0
+        bs = opts.batch_size
+        if self.device.type == "cuda":
+            shapes = [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs, min(opts.eval_batch_size, opts.images)})]
+            self.prime_seconds = prime(self.method.nets, self.method.optimizers, shapes, self.amp, self.device,
+                                       self.channels_last)
+        self.recorder = CallRecorder(self.method.nets)
+        self.timer = PhaseTimer(self.device, self.recorder)
+        self.after_phase = after_phase
+        self.splits = instrument(self.method, self.timer, opts.steps, bs, self._after)
+        self.compute_seconds: dict[str, float] = {}
+        self.rows: list[dict] = []
+        self.test_acc = float("nan")
+        self.peak_mib = 0.0
+
+    def _compile(self) -> None:
+        method = self.method
+        example = self.trainer.train.images.batch(
+            torch.arange(min(2 * self.opts.batch_size, len(self.trainer.train)), device=self.device), augment=False)
         statuses = []
         for i, net in enumerate(method.nets):
             if _is_compiled(net):
@@ -563,45 +614,59 @@ def run_cdmix(opts: BenchOptions, data: BenchData) -> dict[str, Any]:
                 continue
             method.nets[i], status = compile_with_fallback(net, example)
             statuses.append(status)
-        compile_status = statuses[0] if len(set(statuses)) == 1 else "; ".join(statuses)
-    amp = lambda: autocast(config)  # noqa: E731
-    bs = opts.batch_size
-    prime_s = 0.0
-    if device.type == "cuda":
-        shapes = [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs, min(opts.eval_batch_size, opts.images)})]
-        prime_s = prime(method.nets, method.optimizers, shapes, amp, device, channels_last)
-    reset_peak(device)
-    recorder = CallRecorder(method.nets)
-    timer = PhaseTimer(device, recorder)
-    splits = instrument(method, timer, opts.steps, bs)
-    rows = []
-    for epoch in range(2):
-        ctx = seed_epoch(config, epoch)
-        method.set_lr(lr_at(config, epoch))
-        rows.append(method.train_epoch(ctx))
-    with timer.phase("test"):
-        evaluation = trainer.evaluate()
-    memory = peak_memory(device)
-    recorder.enabled = False
-    # The labeled sets cdmix trained net1 and net2 on (net1 learns from net2's division and vice
-    # versa), as masks: the reference trains on the same sets, so both run the same steps.
-    train_masks = None
-    if "net1" in splits and "net2" in splits:
+        self.compile_status = statuses[0] if len(set(statuses)) == 1 else "; ".join(statuses)
+
+    def _after(self, name: str) -> None:
+        self.peak_mib = max(self.peak_mib, cuda_peak_mib(self.device))
+        self.recorder.enabled = False
+        try:
+            self._replay(name)
+            self.after_phase(name)
+        finally:
+            self.recorder.enabled = True
+            reset_peak(self.device)
+
+    def _replay(self, name: str) -> None:
+        calls = [c for c in self.recorder.calls if c.phase == name]
+        state = snapshot(self.method.nets, self.method.optimizers)
+        seconds = replay(calls, self.method.nets, self.method.optimizers, self.amp, self.device,
+                         self.data.num_classes, self.opts.replay_calls or None)
+        restore(self.method.nets, self.method.optimizers, state)
+        self.compute_seconds[name] = seconds.get(name, 0.0)
+
+    def run(self) -> None:
+        from cdmix.engine import lr_at, seed_epoch
+
+        reset_peak(self.device)
+        for epoch in range(2):  # epoch 0: warm-up, epoch 1: DivideMix
+            ctx = seed_epoch(self.config, epoch)
+            self.method.set_lr(lr_at(self.config, epoch))
+            self.rows.append(self.method.train_epoch(ctx))
+        with self.timer.phase("test"):
+            self.test_acc = self.trainer.evaluate()["test_acc"]
+        self._after("test")
+        self.recorder.remove()
+
+    def train_masks(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The labeled sets cdmix trained net1 and net2 on (net1 learns from net2's division and
+        vice versa), as masks, for the reference to train on the same sets (same steps)."""
+        if "net1" not in self.splits or "net2" not in self.splits:
+            return None
         masks = []
         for tag in ("net1", "net2"):
-            mask = np.zeros(len(trainer.train), dtype=bool)
-            mask[splits[tag]] = True
+            mask = np.zeros(len(self.trainer.train), dtype=bool)
+            mask[self.splits[tag]] = True
             masks.append(mask)
-        train_masks = tuple(masks)
-    compute = replay(recorder.calls, method.nets, method.optimizers, amp, device, data.num_classes,
-                     opts.replay_calls or None)
-    recorder.remove()
-    return {"seconds": timer.seconds, "compute_seconds": compute, "calls": recorder.calls,
-            "memory": memory, "test_acc": evaluation["test_acc"], "train_masks": train_masks,
-            "labeled": {"train net1": int(rows[1].get("labeled_used_net1", 0)),
-                        "train net2": int(rows[1].get("labeled_used_net2", 0))},
-            "trainer": trainer, "device": device, "compile": compile_status, "prime_seconds": prime_s,
-            "amp": bool(config.amp), "channels_last": channels_last, "config": config}
+        return masks[0], masks[1]
+
+    def labeled_used(self) -> dict[str, int]:
+        last = self.rows[-1] if self.rows else {}
+        return {"train net1": int(last.get("labeled_used_net1", 0)),
+                "train net2": int(last.get("labeled_used_net2", 0))}
+
+
+def cuda_peak_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
 
 
 def cdmix_data_path(images, n: int, batch_size: int, device: torch.device, seed: int) -> tuple[float, int, float]:
@@ -634,7 +699,7 @@ def load_reference():
         path = root / REFERENCE_FILE
         if path.is_file():
             name = "cdmix_bench_reference_pipeline"
-            if name in sys.modules:
+            if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
                 return sys.modules[name]
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)
@@ -644,43 +709,80 @@ def load_reference():
     return None
 
 
-def run_reference(ref, opts: BenchOptions, data: BenchData, device: torch.device, store,
-                  train_masks, flops_per_image: int) -> dict[str, Any]:
-    from cdmix.models import create_model
+class ReferenceSide:
+    """The official-style pipeline on its own two nets (same model), run one phase at a time."""
 
-    torch.manual_seed(opts.seed)
+    def __init__(self, ref, opts: BenchOptions, data: BenchData, device: torch.device):
+        self.ref, self.opts, self.data, self.device = ref, opts, data, device
+        self.store, self._tmp = ref.temporary_store(data.train_images, data.noisy_labels, data.test_images,
+                                                    data.test_labels)
+        self.model = None
+        self.result = ref.ReferenceResult()
+        self.compute_seconds: dict[str, float] = {}
+        self.peak_mib = 0.0
+        self.prime_seconds = 0.0
 
-    def build_model():
-        return create_model(opts.model, num_classes=data.num_classes, in_channels=3, width=opts.width)
+    def start(self) -> None:
+        """Build the two nets (and prime them on CUDA); only the data store exists before this."""
+        from cdmix.models import create_model
 
-    reset_peak(device)
-    model = ref.ReferenceDivideMix(store, data.num_classes, build_model, device, batch_size=opts.batch_size,
-                                   num_workers=opts.resolved_workers(), mean=data.mean, std=data.std, warm_up=1,
-                                   seed=opts.seed)
-    recorder = CallRecorder(model.nets)
-    model.phase_hook = lambda name: setattr(recorder, "phase", name)
-    bs = opts.batch_size
-    prime_s = 0.0
-    if device.type == "cuda":
-        with ref._cudnn_benchmark(device):
-            shapes = [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs})]
-            prime_s = prime(model.nets, [model.opt1, model.opt2], shapes, contextlib.nullcontext, device, False)
-    try:
-        warm = model.warmup_epoch(max_steps=opts.steps)
-        epoch = model.dividemix_epoch(1, train_masks=train_masks, max_steps=opts.steps)
-    finally:
-        model.close()
-    memory = peak_memory(device)
-    recorder.enabled = False
-    seconds = {**warm.seconds, **epoch.seconds}
-    compute = None
-    if opts.reference_compute:
-        compute = replay(recorder.calls, model.nets, [model.opt1, model.opt2], contextlib.nullcontext, device,
-                         data.num_classes, opts.replay_calls or None)
-    recorder.remove()
-    return {"seconds": seconds, "compute_seconds": compute, "calls": recorder.calls, "memory": memory,
-            "test_acc": epoch.test_acc, "labeled": epoch.labeled, "prime_seconds": prime_s,
-            "stats": phase_stats(recorder.calls, flops_per_image)}
+        ref, opts, data, device = self.ref, self.opts, self.data, self.device
+        torch.manual_seed(opts.seed)
+
+        def build_model():
+            return create_model(opts.model, num_classes=data.num_classes, in_channels=3, width=opts.width)
+
+        self.model = ref.ReferenceDivideMix(self.store, data.num_classes, build_model, device,
+                                            batch_size=opts.batch_size, num_workers=opts.resolved_workers(),
+                                            mean=data.mean, std=data.std, warm_up=1, seed=opts.seed)
+        self.optimizers = [self.model.opt1, self.model.opt2]
+        self.num_classes = data.num_classes
+        self.recorder = CallRecorder(self.model.nets)
+        self.model.phase_hook = lambda name: setattr(self.recorder, "phase", name)
+        if device.type == "cuda":
+            bs = opts.batch_size
+            with ref._cudnn_benchmark(device):
+                self.prime_seconds = prime(self.model.nets, self.optimizers,
+                                           [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs})],
+                                           contextlib.nullcontext, device, False)
+
+    def run_phase(self, name: str, masks: tuple[np.ndarray, np.ndarray] | None) -> None:
+        if self.model is None:
+            self.start()
+        reset_peak(self.device)
+        model, steps = self.model, self.opts.steps
+        if name == "warm-up epoch":
+            model.warmup_epoch(steps, self.result)
+        elif name == "divide":
+            model.divide_phase(self.result)
+        elif name in ("train net1", "train net2"):
+            which = int(name[-1])
+            model.train_phase(which, 1, self.result, None if masks is None else masks[which - 1], steps)
+        elif name == "test":
+            model.test_phase(self.result)
+        self.recorder.phase = "other"
+        self.peak_mib = max(self.peak_mib, cuda_peak_mib(self.device))
+        if self.opts.reference_compute:
+            self.recorder.enabled = False
+            self._replay(name)
+            self.recorder.enabled = True
+
+    def _replay(self, name: str) -> None:
+        calls = [c for c in self.recorder.calls if c.phase == name]
+        state = snapshot(self.model.nets, self.optimizers)
+        seconds = replay(calls, self.model.nets, self.optimizers, contextlib.nullcontext, self.device,
+                         self.num_classes, self.opts.replay_calls or None)
+        restore(self.model.nets, self.optimizers, state)
+        self.compute_seconds[name] = seconds.get(name, 0.0)
+
+    def calls(self) -> list[Call]:
+        return self.recorder.calls if self.model is not None else []
+
+    def close(self) -> None:
+        if self.model is not None:
+            self.recorder.remove()
+            self.model.close()
+        self._tmp.cleanup()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -705,63 +807,116 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
-    """Run the whole benchmark; returns a JSON-able dict (``format_table`` prints it)."""
+    """Run the whole benchmark (see ``_run_bench``) with ``opts.threads`` torch threads, restored after."""
+    validate_options(opts)
+    saved = torch.get_num_threads()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
+    try:
+        return _run_bench(opts)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run_bench(opts: BenchOptions) -> dict[str, Any]:
+    """Run the whole benchmark; returns a JSON-able dict (``format_table`` prints it).
+
+    Order: the data paths (cdmix, reference, cdmix, reference; best of two each), then cdmix's
+    phases. Each cdmix phase is followed, outside its timed region, by the replay of its model
+    calls (pure compute; nets and optimizers restored afterwards) and -- on the CPU, or with
+    ``interleave`` -- by the same phase of the reference, so the three timings of a phase are taken
+    back to back under the same machine load. On CUDA the reference runs after cdmix, so each
+    pipeline's peak memory is its own.
+    """
     from cdmix.models import count_flops, create_model
 
-    validate_options(opts)
+    # One-off imports the first divide would otherwise pay inside its timed region.
+    import sklearn.metrics  # noqa: F401
+    import sklearn.mixture  # noqa: F401
+
+    import cdmix.selection  # noqa: F401
+
+    t_start = time.perf_counter()
+    load_start = _load()
+    if load_start is not None and load_start > (os.cpu_count() or 1):
+        print(f"warning: the machine is busy (load average {load_start:.1f} on {os.cpu_count()} CPUs); "
+              "timings are comparable within this run only")
     data = build_data(opts)
     flops_per_image = count_flops(create_model(opts.model, data.num_classes, 3, opts.width), (3, 32, 32))
-    t_start = time.perf_counter()
-    log(f"data ready: {data.description}; running cdmix (warm-up + DivideMix epoch + test, then the replay)")
-    cd = run_cdmix(opts, data)
-    device = cd["device"]
-    log("cdmix: " + ", ".join(f"{k} {v:.2f}s" for k, v in cd["seconds"].items())
-        + "; pure compute: " + ", ".join(f"{k} {v:.2f}s" for k, v in cd["compute_seconds"].items()))
-    ref = load_reference() if opts.reference else None
+    ref_module = load_reference() if opts.reference else None
     reference_note = None
-    if opts.reference and ref is None:
+    if opts.reference and ref_module is None:
         reference_note = "reference not found (run from a source checkout)"
         print(reference_note)
     elif not opts.reference:
         reference_note = "reference skipped (--no-reference)"
     workers = opts.resolved_workers()
-    store_tmp = None
-    store = None
-    if ref is not None:
-        store, store_tmp = ref.temporary_store(data.train_images, data.noisy_labels, data.test_images,
-                                               data.test_labels)
-    # Data path, interleaved (cdmix, reference, cdmix, reference): best of two each.
-    images = cd["trainer"].train.images
-    n_data = len(images)
-    cd_ips, ref_ips = [], []
-    for _ in range(2):
-        cd_ips.append(cdmix_data_path(images, n_data, opts.batch_size, device, opts.seed)[0])
-        if ref is not None:
-            ref_ips.append(ref.data_path_images_per_second(store, opts.batch_size, workers, data.mean, data.std,
-                                                           device)[0])
-    log(f"data path images/s: cdmix {max(cd_ips):.0f}" + (f", reference {max(ref_ips):.0f}" if ref_ips else ""))
-    reference = None
+    reference: ReferenceSide | None = None
+    holder: dict[str, Any] = {}
+
+    def after_phase(name: str) -> None:
+        if reference is not None and holder.get("interleave"):
+            reference.run_phase(name, holder["cd"].train_masks())
+            log(f"{name}: cdmix {holder['cd'].timer.seconds.get(name, 0):.2f}s, pure compute "
+                f"{holder['cd'].compute_seconds.get(name, 0):.2f}s, reference "
+                f"{reference.result.seconds.get(name, 0):.2f}s")
+        else:
+            log(f"{name}: cdmix {holder['cd'].timer.seconds.get(name, 0):.2f}s, pure compute "
+                f"{holder['cd'].compute_seconds.get(name, 0):.2f}s")
+
+    log(f"data ready: {data.description}")
+    cd = CdmixSide(opts, data, after_phase)
+    holder["cd"] = cd
+    device = cd.device
+    holder["interleave"] = device.type == "cpu"
     try:
-        if ref is not None:
+        if ref_module is not None:
+            reference = ReferenceSide(ref_module, opts, data, device)
+        images = cd.trainer.train.images
+        cd_ips, ref_ips = [], []
+        for _ in range(2):
+            cd_ips.append(cdmix_data_path(images, len(images), opts.batch_size, device, opts.seed)[0])
+            if reference is not None:
+                ref_ips.append(ref_module.data_path_images_per_second(reference.store, opts.batch_size, workers,
+                                                                      data.mean, data.std, device)[0])
+        log(f"data path images/s: cdmix {max(cd_ips):.0f}" + (f", reference {max(ref_ips):.0f}" if ref_ips else ""))
+        if reference is not None and holder["interleave"]:
+            reference.start()
+        cd.run()
+        cd_peak = cd.peak_mib
+        if reference is not None and not holder["interleave"]:
             log(f"running the reference pipeline ({workers} DataLoader workers)")
-            reference = run_reference(ref, opts, data, device, store, cd["train_masks"], flops_per_image)
+            for name in PHASES:
+                reference.run_phase(name, cd.train_masks())
+                log(f"reference {name}: {reference.result.seconds.get(name, 0):.2f}s")
+        memory_cd = {"cuda_max_allocated_mib": cd_peak} if device.type == "cuda" else peak_memory(device)
+        memory_ref = None
+        if reference is not None:
+            memory_ref = ({"cuda_max_allocated_mib": reference.peak_mib} if device.type == "cuda"
+                          else peak_memory(device))
     finally:
-        if store_tmp is not None:
-            store_tmp.cleanup()
-    if reference is not None:
-        log("reference: " + ", ".join(f"{k} {v:.2f}s" for k, v in reference["seconds"].items()))
-    stats = phase_stats(cd["calls"], flops_per_image)
+        if reference is not None:
+            reference.close()
+    stats = phase_stats(cd.recorder.calls, flops_per_image)
+    ref_stats = phase_stats(reference.calls(), flops_per_image) if reference is not None else {}
     phases = []
     for name in PHASES:
-        row = {"phase": name, "cdmix_s": cd["seconds"].get(name), "compute_s": cd["compute_seconds"].get(name),
-               **{k: v for k, v in stats.get(name, {}).items()}}
+        row = {"phase": name, "cdmix_s": cd.timer.seconds.get(name), "compute_s": cd.compute_seconds.get(name),
+               **stats.get(name, {})}
         if reference is not None:
-            row["reference_s"] = reference["seconds"].get(name)
-            if reference["compute_seconds"] is not None:
-                row["reference_compute_s"] = reference["compute_seconds"].get(name)
-            row["reference_steps"] = reference["stats"].get(name, {}).get("grad_steps")
-            row["reference_flops"] = reference["stats"].get(name, {}).get("flops")
+            row["reference_s"] = reference.result.seconds.get(name)
+            if opts.reference_compute:
+                row["reference_compute_s"] = reference.compute_seconds.get(name)
+            row["reference_steps"] = ref_stats.get(name, {}).get("grad_steps", 0)
+            row["reference_flops"] = ref_stats.get(name, {}).get("flops")
         phases.append(row)
     epoch = {"phase": "DivideMix epoch (divide + train + test)"}
     for key in ("cdmix_s", "compute_s", "reference_s", "reference_compute_s", "forwards", "grad_steps", "images",
@@ -769,28 +924,30 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         values = [r.get(key) for r in phases if r["phase"] in EPOCH_PHASES]
         if values and all(v is not None for v in values):
             epoch[key] = sum(values)
-    result = {
-        "options": {k: v for k, v in asdict(opts).items()},
+    return {
+        "options": asdict(opts),
         "machine": machine_info(device),
+        "load_average": {"start": load_start, "end": _load()},
         "data": data.description,
         "num_train": len(data.noisy_labels),
         "num_test": len(data.test_labels),
         "flops_per_image": flops_per_image,
-        "amp": cd["amp"], "channels_last": cd["channels_last"], "compile": cd["compile"],
+        "amp": bool(cd.config.amp), "channels_last": cd.channels_last, "compile": cd.compile_status,
         "faithful_order": not opts.fast,
         "workers": workers,
+        "interleaved": bool(holder["interleave"] and reference is not None),
         "phases": phases,
         "epoch": epoch,
-        "data_path": {"cdmix_images_per_s": max(cd_ips), "reference_images_per_s": max(ref_ips) if ref_ips else None,
-                      "images": 2 * n_data},
-        "memory": {"cdmix": cd["memory"], "reference": reference["memory"] if reference else None},
-        "labeled": cd["labeled"],
-        "test_acc": {"cdmix": cd["test_acc"], "reference": reference["test_acc"] if reference else None},
-        "prime_seconds": {"cdmix": cd["prime_seconds"], "reference": reference["prime_seconds"] if reference else None},
+        "data_path": {"cdmix_images_per_s": max(cd_ips),
+                      "reference_images_per_s": max(ref_ips) if ref_ips else None,
+                      "images": 2 * len(images)},
+        "memory": {"cdmix": memory_cd, "reference": memory_ref},
+        "labeled": cd.labeled_used(),
+        "test_acc": {"cdmix": cd.test_acc, "reference": reference.result.test_acc if reference else None},
+        "prime_seconds": {"cdmix": cd.prime_seconds, "reference": reference.prime_seconds if reference else None},
         "reference_note": reference_note,
         "total_seconds": time.perf_counter() - t_start,
     }
-    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -836,15 +993,20 @@ def format_table(result: dict[str, Any]) -> str:
         f"- cdmix: {'faithful order' if result['faithful_order'] else '--fast (batched train-mode no-grad forwards)'}, "
         f"bf16 autocast {'on' if result['amp'] else 'off'}, channels_last {'on' if result['channels_last'] else 'off'}, "
         f"compile {result['compile']}; eval batch {opts['eval_batch_size']}",
-        f"- reference: benchmarks/reference_pipeline.py, per-sample Dataset + DataLoader with "
-        f"{result['workers']} workers (official: 5), fp32, loaders rebuilt per epoch"
-        + ("" if has_ref else f" - {result['reference_note']}"),
+        (f"- reference: benchmarks/reference_pipeline.py, per-sample Dataset + DataLoader with "
+         f"{result['workers']} workers (official: 5), fp32, loaders rebuilt per epoch, trained on cdmix's "
+         "labeled sets (same steps)" if has_ref else f"- {result['reference_note']}"),
         f"- pure compute: the epoch's recorded forwards (+ backward and SGD step after each grad forward) on "
         "pre-built batches, " + ("every call replayed" if not opts.get("replay_calls") else
                                  f"up to {opts['replay_calls']} calls of each distinct kind (net, shape, mode) "
                                  "timed per phase and scaled to the epoch's count"),
         f"- {result['flops_per_image'] / 1e6:.1f} MFLOP forward per image; TFLOP/s = counted FLOPs "
         "(fwd+bwd = 3x fwd) / phase seconds" + (f"; --steps {opts['steps']}" if opts.get("steps") else ""),
+        "- order: " + ("each cdmix phase, then its pure-compute replay, then the same reference phase, back to back "
+                       "(same machine load)" if result.get("interleaved") else
+                       "each cdmix phase then its pure-compute replay; the reference afterwards"),
+        f"- load average (1 min) at start / end: {_f(result['load_average']['start'])} / "
+        f"{_f(result['load_average']['end'])} on {machine['cpu_count']} CPUs",
         f"- command: `{opts['command'].strip()}`",
         "",
         "| phase | cdmix s | pure compute s | cdmix / compute | reference s | reference / cdmix | steps "

@@ -34,7 +34,9 @@ class Config:
     noise_mode: str = "sym"
     noise_rate: float = 0.4
     noise_file: str | None = None
-    val_fraction: float = 0.0  # held-out part of the (noisy) training set for model selection
+    # Held-out part of the (noisy) training set: best.pt and the collapse guard use its accuracy,
+    # so the test set is not used for model selection. Faithful presets set 0 (official code).
+    val_fraction: float = 0.1
     open_set_rate: float = 0.0
     open_set_source: str = "noise"  # noise | digits | npz:PATH | cifar100:PATH
     # --- model

@@ -143,6 +143,7 @@ class Trainer:
         self.best_epoch = -1
         self.seconds_before = 0.0
         self.collapse_count = 0
+        self.last_selected: float | None = None
         if resume:
             state = runs.load_checkpoint(run_dir / runs.CHECKPOINT, map_location=str(device))
             self.method.load_state_dict(state["method"])
@@ -152,6 +153,7 @@ class Trainer:
             self.best_epoch = state["best_epoch"]
             self.seconds_before = state["seconds"]
             self.collapse_count = state.get("collapse_count", 0)
+            self.last_selected = state.get("last_selected")
 
     # ----- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -175,6 +177,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "seconds": seconds,
             "collapse_count": self.collapse_count,
+            "last_selected": self.last_selected,
             "config": self.config.to_dict(),
         }
 
@@ -229,7 +232,14 @@ class Trainer:
         return RunResult(self.run_dir, summary["test_acc_best"], summary["test_acc_last"], summary, log.rows)
 
     def watch_collapse(self, row: dict[str, Any], select_acc: float) -> None:
-        """Flag a sharp drop below the best accuracy so a late collapse is seen when it happens."""
+        """Flag a sharp drop below the best accuracy, or of the selected-set size, so a late
+        collapse is seen when it happens (and, with --on-collapse rollback, undone)."""
+        selected = row.get("labeled_net1", row.get("frac_clean"))
+        if selected is not None and self.last_selected and selected < 0.5 * self.last_selected:
+            row["selection_drop"] = 1
+            say(f"warning: the selected (clean) set shrank from {self.last_selected:g} to {selected:g}")
+        if selected is not None:
+            self.last_selected = selected
         drop = self.best_acc - select_acc
         row["collapse"] = int(drop >= self.config.collapse_drop)
         if row["collapse"]:
