@@ -11,7 +11,8 @@
 #   pytest_gpu.txt          pytest -m gpu
 #   bench_faithful.md/.json PreAct ResNet-18 (width 64), batch 64, 50,000 random CIFAR-shaped
 #                           images, 50% sym noise, faithful preset, with the reference pipeline
-#   bench_fast.md/.json     the same with --fast, cdmix only
+#   bench_fast.md/.json     the same with --fast, cdmix only, plus a torch.profiler top-25 table of
+#                           one more DivideMix epoch (where the GPU time goes)
 #   bench_cifar100.md/.json CIFAR-100 shapes (100 classes), --steps 100, cdmix only: peak memory
 #   *.txt                   full stdout/stderr of each step; gpu_check.log: timings and exit codes
 #
@@ -76,8 +77,8 @@ step pytest_gpu 70 python -m pytest -m gpu -q -p no:cacheprovider tests/
 # shellcheck disable=SC2206  # EXTRA is a list of flags
 BENCH=(python -m cdmix bench --model preact_resnet18 --width "$WIDTH" --batch-size 64 --device "$DEVICE"
        --images "$IMAGES" $EXTRA)
-step bench_faithful 220 "${BENCH[@]}" --out "$out/bench_faithful.json"
-step bench_fast 60 "${BENCH[@]}" --fast --no-reference --out "$out/bench_fast.json"
+step bench_faithful 200 "${BENCH[@]}" --out "$out/bench_faithful.json"
+step bench_fast 80 "${BENCH[@]}" --fast --no-reference --profile 25 --out "$out/bench_fast.json"
 step bench_cifar100 40 "${BENCH[@]}" --classes 100 --steps 100 --no-reference --out "$out/bench_cifar100.json"
 
 # Each bench prints its markdown table last; keep it next to the JSON for docs/RESULTS.md.

@@ -244,7 +244,8 @@ class ReferenceDivideMix:
                  mean: Sequence[float] = (0.4914, 0.4822, 0.4465), std: Sequence[float] = (0.2023, 0.1994, 0.2010),
                  lr: float = 0.02, alpha: float = 4.0, lambda_u: float = 25.0, p_threshold: float = 0.5,
                  temperature: float = 0.5, warm_up: int = 1, rampup: int = 16, seed: int = 0,
-                 phase_hook: Callable[[str], None] | None = None):
+                 phase_hook: Callable[[str], None] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
         self.device = torch.device(device)
         self.num_classes = num_classes
         self.batch_size = batch_size
@@ -257,6 +258,7 @@ class ReferenceDivideMix:
         self.opt2 = torch.optim.SGD(self.net2.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         self.all_loss: list[list[torch.Tensor]] = [[], []]
         self.phase_hook = phase_hook or (lambda name: None)
+        self.clock = clock
         self.log = open(os.devnull, "w")  # the official script writes a progress line every step
         self.np_rng = np.random.RandomState(seed)
         self.probs: tuple[np.ndarray, np.ndarray] | None = None
@@ -397,11 +399,11 @@ class ReferenceDivideMix:
     def _begin(self, name: str) -> float:
         _sync(self.device)
         self.phase_hook(name)
-        return time.perf_counter()
+        return self.clock()
 
     def _end(self, result: ReferenceResult, name: str, t0: float) -> None:
         _sync(self.device)
-        result.seconds[name] = result.seconds.get(name, 0.0) + time.perf_counter() - t0
+        result.seconds[name] = result.seconds.get(name, 0.0) + self.clock() - t0
 
     def set_lr(self, lr: float) -> None:
         for opt in (self.opt1, self.opt2):
@@ -498,7 +500,8 @@ class _cudnn_benchmark:
 
 def data_path_images_per_second(store: PickleStore, batch_size: int, num_workers: int,
                                 mean: Sequence[float], std: Sequence[float], device: str | torch.device,
-                                max_images: int | None = None) -> tuple[float, int, float]:
+                                max_images: int | None = None,
+                                clock: Callable[[], float] = time.perf_counter) -> tuple[float, int, float]:
     """Augmented images per second of the official path: labeled-mode loader (two views per sample),
     collated by the DataLoader and copied to ``device``. Returns (images/s, images, seconds).
 
@@ -515,12 +518,12 @@ def data_path_images_per_second(store: PickleStore, batch_size: int, num_workers
     loader = loaders._loader(dataset, batch_size, True)
     count = 0
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     for x1, x2, _labels, _w in loader:
         x1, x2 = x1.to(device), x2.to(device)
         count += x1.shape[0] + x2.shape[0]
     _sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     return count / seconds, count, seconds
 
 

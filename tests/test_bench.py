@@ -19,8 +19,9 @@ needs_reference = pytest.mark.skipif(ref is None, reason="benchmarks/reference_p
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-TINY = ["bench", "--images", "96", "--width", "2", "--batch-size", "16", "--steps", "2", "--workers", "0",
-        "--eval-batch-size", "64", "--threads", "1"]
+BASE = ["bench", "--images", "96", "--width", "2", "--batch-size", "16", "--workers", "0", "--eval-batch-size", "64",
+        "--threads", "1"]
+TINY = BASE + ["--steps", "2"]
 ROWS = ("| warm-up epoch |", "| divide |", "| train net1 |", "| train net2 |", "| test |",
         "| DivideMix epoch (divide + train + test) |", "epoch / pure model compute", "data path images/s",
         "peak memory", "estimated achieved TFLOP/s", "dataset images/s")
@@ -49,7 +50,7 @@ def _tiny_method(faithful: bool = True, device: str = "cpu", images: int = 64, w
 
 def test_bench_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(TINY + ["--out", str(out)]) == 0
+    assert main(BASE + ["--out", str(out)]) == 0
     text = capsys.readouterr().out
     for row in ROWS:
         assert row in text, row
@@ -58,25 +59,33 @@ def test_bench_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
     assert set(phases) == set(bench.PHASES)
     for name in bench.PHASES:
         assert phases[name]["cdmix_s"] > 0 and phases[name]["compute_s"] > 0
-    # --steps 2 caps every training phase; both pipelines ran the same steps
-    assert phases["warm-up epoch"]["grad_steps"] == 4  # 2 nets x 2 steps
-    assert phases["train net1"]["grad_steps"] == 2 and phases["train net2"]["grad_steps"] == 2
+    assert phases["warm-up epoch"]["grad_steps"] == 6  # 2 nets x 96 / 32
+    labeled = result["labeled"]
+    for net in ("train net1", "train net2"):
+        assert phases[net]["grad_steps"] == -(-labeled[net] // 16), net
     assert phases["divide"]["grad_steps"] == 0 and phases["divide"]["images"] == 2 * 96
-    if ref is not None:
+    if ref is not None:  # same labeled sets, so the same steps
         for name in bench.PHASES:
             assert phases[name]["reference_s"] > 0
-            if name != "divide" and name != "test":
-                assert phases[name]["reference_steps"] == phases[name]["grad_steps"], name
+            assert phases[name]["reference_steps"] == phases[name]["grad_steps"], name
         assert result["data_path"]["reference_images_per_s"] > 0
     assert result["data_path"]["cdmix_images_per_s"] > 0
     assert result["memory"]["cdmix"]["max_rss_mib"] > 0
+
+
+def test_steps_cap_every_training_phase(tmp_path):
+    out = tmp_path / "steps.json"
+    assert main(TINY + ["--no-reference", "--out", str(out)]) == 0
+    phases = {r["phase"]: r for r in json.loads(out.read_text())["phases"]}
+    assert phases["warm-up epoch"]["grad_steps"] == 4  # 2 nets x 2 steps
+    assert phases["train net1"]["grad_steps"] == 2 and phases["train net2"]["grad_steps"] == 2
 
 
 def test_bench_markdown_out_and_fast_without_reference(tmp_path, capsys):
     out = tmp_path / "table.md"
     assert main(TINY + ["--fast", "--no-reference", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "--fast" in text and "reference skipped" in text
+    assert "cdmix: fast (batched" in text and "reference skipped" in text
     assert "| train net1 |" in text
 
 
@@ -303,6 +312,8 @@ def test_bench_runs_on_cuda(tmp_path, capsys):
                  "--workers", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["amp"] and result["channels_last"]
+    phases = {r["phase"]: r for r in result["phases"]}
+    assert 1 <= phases["train net1"]["grad_steps"] == phases["train net1"]["reference_steps"] <= 3
     assert result["memory"]["cdmix"]["cuda_max_allocated_mib"] > 0
     assert "CUDA max allocated" in capsys.readouterr().out
 

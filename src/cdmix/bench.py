@@ -30,7 +30,7 @@ import resource
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,9 +67,13 @@ class BenchOptions:
     steps: int | None = None  # cap on the training steps of each training phase
     reference: bool = True
     reference_compute: bool = False  # also replay the reference's forwards (its own overhead ratio)
+    clock: str = "wall"  # wall | cpu (this thread's CPU time: needs --threads 1 --workers 0)
+    profile: int = 0  # > 0: one more DivideMix epoch under torch.profiler, print the top N ops
     replay_calls: int = 8  # pure compute: calls timed per distinct kind and phase (0: replay every call)
     compile: bool = False
     fast: bool = False
+    amp: bool | None = None  # None: cdmix's default (bf16 autocast on CUDA only)
+    channels_last: bool | None = None  # None: cdmix's default (on CUDA only)
     classes: int = 10
     workers: int | None = None  # reference DataLoader workers; None: min(5, CPU count)
     eval_batch_size: int = 1024
@@ -112,12 +116,22 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay-calls", type=int, default=8,
                    help="pure compute: time up to N calls of each distinct kind (net, shape, mode) per phase "
                         "and scale to the epoch's count (default 8; 0 = replay every call)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="afterwards, run one more cdmix DivideMix epoch + test under torch.profiler and "
+                        "print its top N ops by self time")
     p.add_argument("--compile", action="store_true", help="torch.compile the cdmix nets (eager fallback)")
     p.add_argument("--fast", action="store_true",
                    help="cdmix's --no-faithful-order variant (batched train-mode no-grad forwards)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="cdmix with / without bf16 autocast (default: cdmix's own default, on for CUDA only)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="cdmix nets and batches in channels_last (default: cdmix's own default, CUDA only)")
     p.add_argument("--classes", type=int, default=10, choices=(10, 100), help="10 (CIFAR-10) or 100 (CIFAR-100)")
     p.add_argument("--workers", type=int, help="reference DataLoader workers (default min(5, CPUs); official 5)")
     p.add_argument("--eval-batch-size", type=int, default=1024, help="cdmix loss/test pass batch (default 1024)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall time (default), or the main thread's CPU time (load-independent on a busy "
+                        "machine; needs --threads 1 and --workers 0 so that all work runs on that thread)")
     p.add_argument("--threads", type=int, help="torch CPU threads for this run (default: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the table to this file (markdown; JSON if it ends in .json)")
@@ -172,6 +186,10 @@ def validate_options(opts: BenchOptions) -> None:
         raise UserError(f"--workers must be 0 or more, got {opts.workers}")
     if opts.threads is not None and opts.threads < 1:
         raise UserError(f"--threads must be positive, got {opts.threads}")
+    on_cpu = opts.device == "cpu" or (opts.device == "auto" and not torch.cuda.is_available())
+    if opts.clock == "cpu" and (opts.threads != 1 or opts.resolved_workers() != 0 or not on_cpu):
+        raise UserError("--clock cpu counts this thread's CPU time only: use it with --device cpu --threads 1 "
+                        "--workers 0")
     if opts.replay_calls < 0:
         raise UserError(f"--replay-calls must be 0 or more, got {opts.replay_calls}")
     if opts.eval_batch_size < 1:
@@ -211,7 +229,8 @@ def find_subset(path: str | None) -> Path:
         if not found.is_file():
             raise UserError(f"subset file {found} does not exist")
         return found
-    for candidate in (repo_root().parent / SUBSET_RELATIVE, repo_root() / SUBSET_RELATIVE, Path.cwd() / SUBSET_RELATIVE):
+    for root in (repo_root().parent, repo_root(), Path.cwd()):
+        candidate = root / SUBSET_RELATIVE
         if candidate.is_file():
             return candidate
     raise UserError("the CIFAR-10 subset (shared/data/cifar10-subset/cifar10_subset.npz) was not found; "
@@ -258,7 +277,8 @@ def build_trainer(opts: BenchOptions, data: BenchData, run_dir: Path):
     config = Config(dataset="cifar100" if data.num_classes == 100 else "cifar10", method="dividemix",
                     model=opts.model, width=opts.width, warmup=1, epochs=2, lr_step=150, batch_size=opts.batch_size,
                     device=opts.device, compile=opts.compile, faithful_order=not opts.fast, progress=False,
-                    seed=opts.seed, noise_mode="sym", noise_rate=0.5, eval_batch_size=opts.eval_batch_size)
+                    seed=opts.seed, noise_mode="sym", noise_rate=0.5, eval_batch_size=opts.eval_batch_size,
+                    amp=opts.amp)
     validate(config)
     config = resolve(config, data.num_classes, 32)
     raw = RawData(train_images=data.train_images, train_labels=data.noisy_labels, test_images=data.test_images,
@@ -271,6 +291,14 @@ def build_trainer(opts: BenchOptions, data: BenchData, run_dir: Path):
 # ------------------------------------------------------------------------------------------------
 # timing, call recording, replay
 # ------------------------------------------------------------------------------------------------
+
+
+_CLOCK: Callable[[], float] = time.perf_counter
+
+
+def clock() -> float:
+    """The benchmark's clock: wall time (default) or, with --clock cpu, this thread's CPU time."""
+    return _CLOCK()
 
 
 def sync(device: torch.device | str) -> None:
@@ -328,12 +356,12 @@ class PhaseTimer:
         sync(self.device)
         if self.recorder is not None:
             self.recorder.phase = name
-        t0 = time.perf_counter()
+        t0 = clock()
         try:
             yield
         finally:
             sync(self.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            self.seconds[name] = self.seconds.get(name, 0.0) + clock() - t0
             if self.recorder is not None:
                 self.recorder.phase = "other"
 
@@ -400,11 +428,11 @@ def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torc
         phase_calls = [c for c in calls if c.phase == phase]
         if per_kind is None:
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for c in phase_calls:
                 run(c)
             sync(device)
-            seconds[phase] = time.perf_counter() - t0
+            seconds[phase] = clock() - t0
             continue
         kinds: dict[tuple, list[Call]] = {}
         for c in phase_calls:
@@ -413,11 +441,11 @@ def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torc
         for group in kinds.values():
             timed = group[:per_kind]
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             for c in timed:
                 run(c)
             sync(device)
-            total += (time.perf_counter() - t0) * len(group) / len(timed)
+            total += (clock() - t0) * len(group) / len(timed)
         seconds[phase] = total
     for net, mode in zip(nets, was_training):
         net.train(mode)
@@ -583,7 +611,9 @@ class CdmixSide:
         self.trainer = build_trainer(opts, data, Path(tempfile.gettempdir()) / "cdmix-bench-unused")
         self.config, self.method = self.trainer.config, self.trainer.method
         self.device = torch.device(self.config.device)
-        self.channels_last = self.device.type == "cuda"
+        self.channels_last = self.trainer.train.images.channels_last
+        if opts.channels_last is not None and opts.channels_last != self.channels_last:
+            self._set_channels_last(opts.channels_last)
         self.amp = lambda: autocast(self.config)
         self.compile_status = "off"
         if self.config.compile:
@@ -597,11 +627,21 @@ class CdmixSide:
         self.recorder = CallRecorder(self.method.nets)
         self.timer = PhaseTimer(self.device, self.recorder)
         self.after_phase = after_phase
-        self.splits = instrument(self.method, self.timer, opts.steps, bs, self._after)
+        self.splits = instrument(self.method, self.timer, opts.steps, bs, lambda name: self._after(name))
         self.compute_seconds: dict[str, float] = {}
         self.rows: list[dict] = []
         self.test_acc = float("nan")
         self.peak_mib = 0.0
+
+    def _set_channels_last(self, on: bool) -> None:
+        """--channels-last / --no-channels-last: override cdmix's per-device default (nets and batches)."""
+        fmt = torch.channels_last if on else torch.contiguous_format
+        for net in self.method.nets:
+            net.to(memory_format=fmt)
+        for images in (self.trainer.train.images, self.trainer.test_images, self.trainer.val_images):
+            if images is not None:
+                images.channels_last = on
+        self.channels_last = on
 
     def _compile(self) -> None:
         method = self.method
@@ -647,16 +687,39 @@ class CdmixSide:
         self._after("test")
         self.recorder.remove()
 
-    def train_masks(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The labeled sets cdmix trained net1 and net2 on (net1 learns from net2's division and
-        vice versa), as masks, for the reference to train on the same sets (same steps)."""
-        if "net1" not in self.splits or "net2" not in self.splits:
-            return None
+    def profile(self, top: int) -> str:
+        """One more DivideMix epoch + test pass under torch.profiler (nothing else runs meanwhile);
+        returns the table of the ``top`` ops by self time (CUDA time on CUDA, CPU time otherwise)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from cdmix.engine import lr_at, seed_epoch
+
+        self.recorder.enabled = False
+        self.after_phase = lambda name: None
+        self._after = lambda name: None  # the wrappers call this: no replay, no reference
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        ctx = seed_epoch(self.config, 2)
+        self.method.set_lr(lr_at(self.config, 2))
+        sync(self.device)
+        with profile(activities=activities) as prof:
+            self.method.train_epoch(ctx)
+            self.trainer.evaluate()
+            sync(self.device)
+        key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        return prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=48)
+
+    def train_masks(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The labeled sets cdmix trained net1 and net2 on so far (net1 learns from net2's division
+        and vice versa), as masks (None for a net not trained yet), for the reference to train on
+        the same sets (same number and shapes of steps)."""
         masks = []
         for tag in ("net1", "net2"):
-            mask = np.zeros(len(self.trainer.train), dtype=bool)
-            mask[self.splits[tag]] = True
-            masks.append(mask)
+            if tag in self.splits:
+                mask = np.zeros(len(self.trainer.train), dtype=bool)
+                mask[self.splits[tag]] = True
+                masks.append(mask)
+            else:
+                masks.append(None)
         return masks[0], masks[1]
 
     def labeled_used(self) -> dict[str, int]:
@@ -676,7 +739,7 @@ def cdmix_data_path(images, n: int, batch_size: int, device: torch.device, seed:
     gen.manual_seed(seed)
     count = 0
     sync(device)
-    t0 = time.perf_counter()
+    t0 = clock()
     perm = torch.randperm(n, device=device, generator=gen)
     for start in range(0, n, batch_size):
         idx = perm[start:start + batch_size]
@@ -684,7 +747,7 @@ def cdmix_data_path(images, n: int, batch_size: int, device: torch.device, seed:
         x2 = images.batch(idx, augment=True, generator=gen)
         count += x1.shape[0] + x2.shape[0]
     sync(device)
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     return count / seconds, count, seconds
 
 
@@ -734,7 +797,7 @@ class ReferenceSide:
 
         self.model = ref.ReferenceDivideMix(self.store, data.num_classes, build_model, device,
                                             batch_size=opts.batch_size, num_workers=opts.resolved_workers(),
-                                            mean=data.mean, std=data.std, warm_up=1, seed=opts.seed)
+                                            mean=data.mean, std=data.std, warm_up=1, seed=opts.seed, clock=clock)
         self.optimizers = [self.model.opt1, self.model.opt2]
         self.num_classes = data.num_classes
         self.recorder = CallRecorder(self.model.nets)
@@ -746,7 +809,7 @@ class ReferenceSide:
                                            [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs})],
                                            contextlib.nullcontext, device, False)
 
-    def run_phase(self, name: str, masks: tuple[np.ndarray, np.ndarray] | None) -> None:
+    def run_phase(self, name: str, masks: tuple[np.ndarray | None, np.ndarray | None] | None) -> None:
         if self.model is None:
             self.start()
         reset_peak(self.device)
@@ -816,14 +879,23 @@ def _load() -> float | None:
 
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run the whole benchmark (see ``_run_bench``) with ``opts.threads`` torch threads, restored after."""
+    global _CLOCK
     validate_options(opts)
     saved = torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
+    _CLOCK = time.thread_time if opts.clock == "cpu" else time.perf_counter
+    limits = contextlib.nullcontext()
+    if opts.threads is not None:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+        limits = threadpool_limits(opts.threads)  # numpy/BLAS (the GMM) too
     try:
-        return _run_bench(opts)
+        with limits:
+            return _run_bench(opts)
     finally:
         torch.set_num_threads(saved)
+        _CLOCK = time.perf_counter
 
 
 def _run_bench(opts: BenchOptions) -> dict[str, Any]:
@@ -886,7 +958,8 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
             cd_ips.append(cdmix_data_path(images, len(images), opts.batch_size, device, opts.seed)[0])
             if reference is not None:
                 ref_ips.append(ref_module.data_path_images_per_second(reference.store, opts.batch_size, workers,
-                                                                      data.mean, data.std, device)[0])
+                                                                      data.mean, data.std, device,
+                                                                      clock=clock)[0])
         log(f"data path images/s: cdmix {max(cd_ips):.0f}" + (f", reference {max(ref_ips):.0f}" if ref_ips else ""))
         if reference is not None and holder["interleave"]:
             reference.start()
@@ -898,6 +971,10 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
                 reference.run_phase(name, cd.train_masks())
                 log(f"reference {name}: {reference.result.seconds.get(name, 0):.2f}s")
         memory_cd = {"cuda_max_allocated_mib": cd_peak} if device.type == "cuda" else peak_memory(device)
+        profile_text = None
+        if opts.profile > 0:
+            log("profiling one more cdmix DivideMix epoch")
+            profile_text = cd.profile(opts.profile)
         memory_ref = None
         if reference is not None:
             memory_ref = ({"cuda_max_allocated_mib": reference.peak_mib} if device.type == "cuda"
@@ -946,6 +1023,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         "test_acc": {"cdmix": cd.test_acc, "reference": reference.result.test_acc if reference else None},
         "prime_seconds": {"cdmix": cd.prime_seconds, "reference": reference.prime_seconds if reference else None},
         "reference_note": reference_note,
+        "profile": profile_text,
         "total_seconds": time.perf_counter() - t_start,
     }
 
@@ -967,6 +1045,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _steps(row: dict[str, Any]) -> str:
+    if row.get("grad_steps") is None:
+        return "-"
+    text = str(int(row["grad_steps"]))
+    if row.get("reference_steps") is not None:
+        text += f" / {int(row['reference_steps'])}"
+    return text
+
+
 def _tflops(flops: float | None, seconds: float | None) -> str:
     rate = _ratio(flops, seconds)
     return "-" if rate is None else f"{rate / 1e12:.4f}"
@@ -981,36 +1068,66 @@ def _mib(memory: dict[str, float] | None) -> str:
             f"{memory['children_max_rss_mib']:.0f} MiB)")
 
 
-def format_table(result: dict[str, Any]) -> str:
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _verdict(value: float | None, ok: bool, target: str) -> str:
+    return f"{'met' if ok else 'MISSED'} ({target})" if value is not None else f"- ({target})"
+
+
+def _header(result: dict[str, Any], has_ref: bool) -> list[str]:
     opts, machine = result["options"], result["machine"]
-    has_ref = any(r.get("reference_s") is not None for r in result["phases"])
-    has_ref_compute = any(r.get("reference_compute_s") is not None for r in result["phases"])
-    where = machine.get("gpu") or f"{machine['cpu']} ({machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads)"
-    lines = [
+    where = machine.get("gpu") or (f"{machine['cpu']} ({machine['cpu_count']} CPUs, "
+                                   f"{machine['torch_threads']} torch threads)")
+    order = "fast (batched train-mode no-grad forwards)" if not result["faithful_order"] else "faithful"
+    if has_ref:
+        reference = (f"- reference: benchmarks/reference_pipeline.py, per-sample Dataset + DataLoader with "
+                     f"{result['workers']} workers (official: 5), fp32, loaders rebuilt per epoch, trained on "
+                     "cdmix's labeled sets (same steps)")
+    else:
+        reference = f"- {result['reference_note']}"
+    if opts.get("replay_calls"):
+        replayed = (f"up to {opts['replay_calls']} calls of each distinct kind (net, shape, mode) timed per phase "
+                    "and scaled to the epoch's count")
+    else:
+        replayed = "every call replayed"
+    if result.get("interleaved"):
+        order_text = ("each cdmix phase, then its pure-compute replay, then the same reference phase, back to "
+                      "back (same machine load)")
+    else:
+        order_text = "each cdmix phase then its pure-compute replay; the reference afterwards"
+    if opts.get("clock") == "cpu":
+        clock_text = "this thread's CPU time (--clock cpu, 1 thread, no workers: load-independent work)"
+    else:
+        clock_text = "wall time"
+    load = result["load_average"]
+    return [
         f"## cdmix bench: {opts['model']} width {opts['width']}, batch {opts['batch_size']}, {result['data']}",
         "",
         f"- device: {machine['device']} - {where}; torch {machine['torch']}, Python {machine['python']}",
-        f"- cdmix: {'faithful order' if result['faithful_order'] else '--fast (batched train-mode no-grad forwards)'}, "
-        f"bf16 autocast {'on' if result['amp'] else 'off'}, channels_last {'on' if result['channels_last'] else 'off'}, "
-        f"compile {result['compile']}; eval batch {opts['eval_batch_size']}",
-        (f"- reference: benchmarks/reference_pipeline.py, per-sample Dataset + DataLoader with "
-         f"{result['workers']} workers (official: 5), fp32, loaders rebuilt per epoch, trained on cdmix's "
-         "labeled sets (same steps)" if has_ref else f"- {result['reference_note']}"),
+        f"- cdmix: {order} order, bf16 autocast {_on(result['amp'])}, channels_last "
+        f"{_on(result['channels_last'])}, compile {result['compile']}; eval batch {opts['eval_batch_size']}",
+        reference,
         f"- pure compute: the epoch's recorded forwards (+ backward and SGD step after each grad forward) on "
-        "pre-built batches, " + ("every call replayed" if not opts.get("replay_calls") else
-                                 f"up to {opts['replay_calls']} calls of each distinct kind (net, shape, mode) "
-                                 "timed per phase and scaled to the epoch's count"),
+        f"pre-built batches, {replayed}",
         f"- {result['flops_per_image'] / 1e6:.1f} MFLOP forward per image; TFLOP/s = counted FLOPs "
         "(fwd+bwd = 3x fwd) / phase seconds" + (f"; --steps {opts['steps']}" if opts.get("steps") else ""),
-        "- order: " + ("each cdmix phase, then its pure-compute replay, then the same reference phase, back to back "
-                       "(same machine load)" if result.get("interleaved") else
-                       "each cdmix phase then its pure-compute replay; the reference afterwards"),
-        f"- load average (1 min) at start / end: {_f(result['load_average']['start'])} / "
-        f"{_f(result['load_average']['end'])} on {machine['cpu_count']} CPUs",
+        f"- order: {order_text}",
+        f"- clock: {clock_text}; load average (1 min) at start / end: {_f(load['start'])} / {_f(load['end'])} "
+        f"on {machine['cpu_count']} CPUs",
         f"- command: `{opts['command'].strip()}`",
+    ]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The markdown report of ``run_bench``'s result: settings, per-phase table, summary table."""
+    has_ref = any(r.get("reference_s") is not None for r in result["phases"])
+    has_ref_compute = any(r.get("reference_compute_s") is not None for r in result["phases"])
+    lines = _header(result, has_ref) + [
         "",
-        "| phase | cdmix s | pure compute s | cdmix / compute | reference s | reference / cdmix | steps "
-        "| forwarded images | cdmix images/s | cdmix TFLOP/s |",
+        "| phase | cdmix s | pure compute s | cdmix / compute | reference s | reference / cdmix "
+        "| steps (cdmix / ref) | forwarded images | cdmix images/s | cdmix TFLOP/s |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in result["phases"] + [result["epoch"]]:
@@ -1018,17 +1135,16 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("| " + " | ".join([
             row["phase"], _f(secs), _f(row.get("compute_s")), _f(_ratio(secs, row.get("compute_s")), suffix="x"),
             _f(row.get("reference_s")), _f(_ratio(row.get("reference_s"), secs), suffix="x"),
-            str(int(row["grad_steps"])) if row.get("grad_steps") is not None else "-",
+            _steps(row),
             str(int(row["images"])) if row.get("images") is not None else "-",
             _f(_ratio(row.get("images"), secs), 0),
             _tflops(row.get("flops"), secs),
         ]) + " |")
-    epoch = result["epoch"]
-    warm = result["phases"][0]
-    n = result["num_train"]
-    dp = result["data_path"]
+    epoch, warm, n = result["epoch"], result["phases"][0], result["num_train"]
+    dp, memory, acc = result["data_path"], result["memory"], result["test_acc"]
     ratio_dp = _ratio(dp["cdmix_images_per_s"], dp["reference_images_per_s"])
     ratio_compute = _ratio(epoch.get("cdmix_s"), epoch.get("compute_s"))
+    ref_ratio = _ratio(epoch.get("reference_s"), epoch.get("reference_compute_s")) if has_ref_compute else None
     lines += [
         "",
         "| metric | cdmix | reference | ratio (target) |",
@@ -1039,22 +1155,22 @@ def format_table(result: dict[str, Any]) -> str:
         f"| warm-up epoch, dataset images/s (2 nets x {n} / s) | {_f(_ratio(2 * n, warm.get('cdmix_s')), 0)} "
         f"| {_f(_ratio(2 * n, warm.get('reference_s')), 0)} "
         f"| {_f(_ratio(warm.get('reference_s'), warm.get('cdmix_s')), suffix='x faster')} |",
-        f"| epoch / pure model compute | {_f(ratio_compute, suffix='x')} "
-        f"| {_f(_ratio(epoch.get('reference_s'), epoch.get('reference_compute_s')), suffix='x') if has_ref_compute else '-'} "
-        f"| {'met' if ratio_compute is not None and ratio_compute <= TARGET_COMPUTE_RATIO else 'MISSED'} "
-        f"(<= {TARGET_COMPUTE_RATIO}x) |",
+        f"| epoch / pure model compute | {_f(ratio_compute, suffix='x')} | {_f(ref_ratio, suffix='x')} "
+        f"| {_verdict(ratio_compute, (ratio_compute or 0) <= TARGET_COMPUTE_RATIO, f'<= {TARGET_COMPUTE_RATIO}x')} |",
         f"| data path images/s (batch assembly + crop/flip + normalise, {dp['images']} images) "
         f"| {_f(dp['cdmix_images_per_s'], 0)} | {_f(dp['reference_images_per_s'], 0)} "
-        f"| {_f(ratio_dp, 1, 'x')} "
-        f"{'' if ratio_dp is None else ('met' if ratio_dp >= TARGET_DATA_PATH else 'MISSED')} (>= {TARGET_DATA_PATH:g}x) |",
-        f"| peak memory | {_mib(result['memory']['cdmix'])} | {_mib(result['memory']['reference'])} | |",
+        f"| {_f(ratio_dp, 1, 'x')} {_verdict(ratio_dp, (ratio_dp or 0) >= TARGET_DATA_PATH, '>= 5x')} |",
+        f"| peak memory | {_mib(memory['cdmix'])} | {_mib(memory['reference'])} | |",
         f"| estimated achieved TFLOP/s, DivideMix epoch | {_tflops(epoch.get('flops'), epoch.get('cdmix_s'))} "
         f"| {_tflops(epoch.get('reference_flops'), epoch.get('reference_s'))} | |",
         f"| labeled samples used (train net1 / net2) | {result['labeled']['train net1']} / "
         f"{result['labeled']['train net2']} | {'same masks' if has_ref else '-'} | |",
-        f"| test accuracy after the epoch (%) | {_f(result['test_acc']['cdmix'])} | {_f(result['test_acc']['reference'])} | |",
+        f"| test accuracy after the epoch (%) | {_f(acc['cdmix'])} | {_f(acc['reference'])} | |",
         "",
         f"bench wall time {result['total_seconds']:.0f} s (untimed first-call priming: cdmix "
         f"{_f(result['prime_seconds']['cdmix'], 1)} s, reference {_f(result['prime_seconds']['reference'], 1)} s)",
     ]
+    if result.get("profile"):
+        lines += ["", "torch.profiler, one more cdmix DivideMix epoch + test (top ops by self time):", "",
+                  "```", result["profile"].rstrip(), "```"]
     return "\n".join(lines)
