@@ -221,12 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="show the K most suspicious (default 20)")
     p.set_defaults(func=cmd_issues)
 
-    for name, module in (("report", "cdmix.report"), ("compare", "cdmix.report"), ("bench", "cdmix.bench")):
-        try:
-            mod = __import__(module, fromlist=["add_parser"])
-        except ImportError:
-            continue
-        getattr(mod, f"add_{name}_parser")(sub)
+    from cdmix import bench, report
+
+    report.add_report_parser(sub)
+    report.add_compare_parser(sub)
+    bench.add_bench_parser(sub)
     return parser
 
 

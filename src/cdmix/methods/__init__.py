@@ -7,22 +7,11 @@ from cdmix.errors import UserError
 
 def method_classes() -> dict[str, type]:
     from cdmix.methods.dividemix import DivideMix
+    from cdmix.methods.hybrid import Hybrid
+    from cdmix.methods.josrc import JoSRC
     from cdmix.methods.standard import Standard
 
-    classes = {"standard": Standard, "dividemix": DivideMix}
-    try:
-        from cdmix.methods.josrc import JoSRC
-
-        classes["josrc"] = JoSRC
-    except ImportError:
-        pass
-    try:
-        from cdmix.methods.hybrid import Hybrid
-
-        classes["hybrid"] = Hybrid
-    except ImportError:
-        pass
-    return classes
+    return {"standard": Standard, "dividemix": DivideMix, "josrc": JoSRC, "hybrid": Hybrid}
 
 
 def build_method(config, train):
