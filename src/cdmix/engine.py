@@ -120,6 +120,8 @@ class Trainer:
         raw = data.raw
         device = torch.device(config.device)
         channels_last = device.type == "cuda"
+        if channels_last:
+            torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its kernels
         labels = torch.as_tensor(raw.train_labels, dtype=torch.int64)
         true = raw.train_true_labels
         train_idx = torch.as_tensor(data.train_pos)
