@@ -863,7 +863,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     except OSError:
         pass
     info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -1105,7 +1106,8 @@ def _header(result: dict[str, Any], has_ref: bool) -> list[str]:
     return [
         f"## cdmix bench: {opts['model']} width {opts['width']}, batch {opts['batch_size']}, {result['data']}",
         "",
-        f"- device: {machine['device']} - {where}; torch {machine['torch']}, Python {machine['python']}",
+        f"- device: {machine['device']} - {where}; torch {machine['torch']}, Python {machine['python']}"
+        + "".join(f"; {k}={v}" for k, v in machine.get("env", {}).items()),
         f"- cdmix: {order} order, bf16 autocast {_on(result['amp'])}, channels_last "
         f"{_on(result['channels_last'])}, compile {result['compile']}; eval batch {opts['eval_batch_size']}",
         reference,
