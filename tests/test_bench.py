@@ -97,6 +97,43 @@ def test_bench_says_when_the_reference_is_missing(monkeypatch, capsys):
     assert "reference not found (run from a source checkout)" in out
 
 
+def test_compile_failure_falls_back_to_eager(monkeypatch, tmp_path, capsys):
+    class Broken(torch.nn.Module):  # what a lazily failing torch.compile looks like at the first call
+        def __init__(self, net):
+            super().__init__()
+            self._orig_mod = net
+
+        def forward(self, x):
+            raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda net, *a, **k: Broken(net))
+    out = tmp_path / "compile.json"
+    assert main(TINY + ["--compile", "--no-reference", "--out", str(out)]) == 0
+    assert "--compile could not be used (RuntimeError: no C++ compiler); running eagerly" in capsys.readouterr().out
+    assert json.loads(out.read_text())["compile"] == "eager (compile failed)"
+
+
+def test_recorder_counts_a_wrapped_call_once():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    wrapper = Wrapper(net)
+    recorder = bench.CallRecorder([net], [wrapper])
+    x = torch.randn(4, 3, 2, 2)
+    wrapper(x)
+    with torch.no_grad():
+        net(x[:2])
+    recorder.remove()
+    assert [(c.shape[0], c.wrapped, c.grad) for c in recorder.calls] == [(4, True, True), (2, False, False)]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--images", "2"], "--images"),
     (["--steps", "0"], "--steps"),

@@ -76,7 +76,7 @@ class BenchOptions:
     channels_last: bool | None = None  # None: cdmix's default (on CUDA only)
     classes: int = 10
     workers: int | None = None  # reference DataLoader workers; None: min(5, CPU count)
-    eval_batch_size: int = 1024
+    eval_batch_size: int | None = None  # None: cdmix's default (1024 on CUDA, 64 on CPU)
     threads: int | None = None  # torch intra-op threads; None: torch's default
     seed: int = 0
     out: str | None = None
@@ -128,7 +128,8 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
                    help="cdmix nets and batches in channels_last (default: cdmix's own default, CUDA only)")
     p.add_argument("--classes", type=int, default=10, choices=(10, 100), help="10 (CIFAR-10) or 100 (CIFAR-100)")
     p.add_argument("--workers", type=int, help="reference DataLoader workers (default min(5, CPUs); official 5)")
-    p.add_argument("--eval-batch-size", type=int, default=1024, help="cdmix loss/test pass batch (default 1024)")
+    p.add_argument("--eval-batch-size", type=int,
+                   help="cdmix loss/test pass batch (default: cdmix's own, 1024 on CUDA and 64 on CPU)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or the main thread's CPU time (load-independent on a busy "
                         "machine; needs --threads 1 and --workers 0 so that all work runs on that thread)")
@@ -192,7 +193,7 @@ def validate_options(opts: BenchOptions) -> None:
                         "--workers 0")
     if opts.replay_calls < 0:
         raise UserError(f"--replay-calls must be 0 or more, got {opts.replay_calls}")
-    if opts.eval_batch_size < 1:
+    if opts.eval_batch_size is not None and opts.eval_batch_size < 1:
         raise UserError(f"--eval-batch-size must be positive, got {opts.eval_batch_size}")
     if opts.source == "subset" and opts.classes != 10:
         raise UserError("--source subset is CIFAR-10: use --classes 10 (or --source random)")
@@ -315,26 +316,44 @@ class Call:
     training: bool
     grad: bool
     inference: bool
+    wrapped: bool = False  # called through the method's training wrapper (compiled net), not the bare net
 
 
 class CallRecorder:
-    """Records every top-level forward of ``nets`` (forward pre-hooks), tagged with the current phase."""
+    """Records every top-level forward of ``nets`` (forward pre-hooks), tagged with the current phase.
 
-    def __init__(self, nets: list[torch.nn.Module]):
+    ``wrappers[i]``, when it is a different module from ``nets[i]`` (a compiled net), is hooked too
+    and its calls are recorded once, as ``wrapped`` calls (the bare net's hook stays quiet inside).
+    """
+
+    def __init__(self, nets: list[torch.nn.Module], wrappers: list[torch.nn.Module] | None = None):
         self.phase = "setup"
         self.calls: list[Call] = []
         self.enabled = True
-        self.handles = [net.register_forward_pre_hook(self._hook(i)) for i, net in enumerate(nets)]
+        self.inside = 0
+        self.handles = [net.register_forward_pre_hook(self._hook(i, False)) for i, net in enumerate(nets)]
+        for i, wrapper in enumerate(wrappers or []):
+            if wrapper is not nets[i]:
+                self.handles.append(wrapper.register_forward_pre_hook(self._hook(i, True)))
+                self.handles.append(wrapper.register_forward_hook(self._leave))
 
-    def _hook(self, index: int):
+    def _leave(self, module, args, output):
+        self.inside -= 1
+
+    def _hook(self, index: int, wrapped: bool):
         def pre(module, args):
+            if wrapped:
+                self.inside += 1
+            elif self.inside:
+                return
             if not self.enabled or not args:
                 return
             x = args[0]
             self.calls.append(Call(self.phase, index, tuple(x.shape),
                                    x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                                    and not x.is_contiguous(),
-                                   module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+                                   module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+                                   wrapped))
         return pre
 
     def remove(self) -> None:
@@ -379,7 +398,7 @@ def phase_stats(calls: list[Call], flops_per_image: int) -> dict[str, dict[str, 
 
 def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
            amp: Callable[[], Any], device: torch.device, num_classes: int,
-           per_kind: int | None = None) -> dict[str, float]:
+           per_kind: int | None = None, wrappers: list[torch.nn.Module] | None = None) -> dict[str, float]:
     """Model compute alone: the recorded forwards (a backward + optimizer step after each grad
     forward) on pre-built random batches of the recorded shapes. Returns seconds per phase.
 
@@ -400,7 +419,7 @@ def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torc
             targets[c.shape[0]] = torch.softmax(torch.randn(c.shape[0], num_classes, generator=gen), 1).to(device)
 
     def run(c: Call) -> None:
-        net = nets[c.net]
+        net = wrappers[c.net] if c.wrapped and wrappers is not None else nets[c.net]
         if net.training != c.training:
             net.train(c.training)
         x = pool[(c.shape, c.channels_last)]
@@ -436,7 +455,8 @@ def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torc
             continue
         kinds: dict[tuple, list[Call]] = {}
         for c in phase_calls:
-            kinds.setdefault((c.net, c.shape, c.channels_last, c.training, c.grad, c.inference), []).append(c)
+            kinds.setdefault((c.net, c.shape, c.channels_last, c.training, c.grad, c.inference, c.wrapped),
+                             []).append(c)
         total = 0.0
         for group in kinds.values():
             timed = group[:per_kind]
@@ -453,24 +473,27 @@ def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torc
 
 
 def prime(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], shapes: list[tuple],
-          amp: Callable[[], Any], device: torch.device, channels_last: bool) -> float:
+          amp: Callable[[], Any], device: torch.device, channels_last: bool,
+          wrappers: list[torch.nn.Module] | None = None) -> float:
     """Untimed first calls (CUDA context, cuDNN autotuning, compilation) for the main shapes.
 
-    Weights, BN statistics and optimizer state are restored afterwards. Returns seconds spent.
+    Train-mode calls go through ``wrappers`` (the method's training modules) when given. Weights,
+    BN statistics and optimizer state are restored afterwards. Returns seconds spent.
     """
     t0 = time.perf_counter()
     saved = [copy.deepcopy(net.state_dict()) for net in nets]
     modes = [net.training for net in nets]
-    for net in nets:
+    for i, net in enumerate(nets):
+        trained = wrappers[i] if wrappers is not None else net
         for shape in shapes:
             x = torch.randn(shape, device=device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            net.train()
+            trained.train()
             with amp():
-                net(x).float().sum().backward()
+                trained(x).float().sum().backward()
             with torch.no_grad(), amp():
-                net(x)
+                trained(x)
             net.eval()
             with torch.inference_mode(), amp():
                 net(x)
@@ -620,11 +643,13 @@ class CdmixSide:
             self._compile()
         self.prime_seconds = 0.0
         bs = opts.batch_size
-        if self.device.type == "cuda":
-            shapes = [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs, min(opts.eval_batch_size, opts.images)})]
+        self.wrappers = getattr(self.method, "train_nets", None)
+        if self.device.type == "cuda" or self.compile_status == "compiled":  # compilation is not epoch time
+            eval_bs = min(self.config.eval_batch_size, opts.images)
+            shapes = [(n, 3, 32, 32) for n in sorted({bs, 2 * bs, 4 * bs, eval_bs})]
             self.prime_seconds = prime(self.method.nets, self.method.optimizers, shapes, self.amp, self.device,
-                                       self.channels_last)
-        self.recorder = CallRecorder(self.method.nets)
+                                       self.channels_last, self.wrappers)
+        self.recorder = CallRecorder(self.method.nets, self.wrappers)
         self.timer = PhaseTimer(self.device, self.recorder)
         self.after_phase = after_phase
         self.splits = instrument(self.method, self.timer, opts.steps, bs, lambda name: self._after(name))
@@ -644,16 +669,34 @@ class CdmixSide:
         self.channels_last = on
 
     def _compile(self) -> None:
+        """The method compiles its training modules itself (``train_nets``) when ``config.compile``;
+        ``torch.compile`` is lazy, so try each once here and fall back to the bare net if it fails."""
         method = self.method
+        wrappers = getattr(method, "train_nets", None)
+        if wrappers is None:
+            self.compile_status = "not supported by this method"
+            return
         example = self.trainer.train.images.batch(
             torch.arange(min(2 * self.opts.batch_size, len(self.trainer.train)), device=self.device), augment=False)
         statuses = []
-        for i, net in enumerate(method.nets):
-            if _is_compiled(net):
-                statuses.append("compiled")
+        for i, wrapper in enumerate(wrappers):
+            if not _is_compiled(wrapper):
+                wrapper, status = compile_with_fallback(wrapper, example)
+                wrappers[i] = wrapper
+                statuses.append(status)
                 continue
-            method.nets[i], status = compile_with_fallback(net, example)
-            statuses.append(status)
+            try:
+                was = wrapper.training
+                wrapper.eval()
+                with torch.no_grad(), self.amp():
+                    wrapper(example)
+                wrapper.train(was)
+                statuses.append("compiled")
+            except Exception as exc:  # compile support varies by platform and install
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                print(f"warning: --compile could not be used ({type(exc).__name__}: {first[:200]}); running eagerly")
+                wrappers[i] = method.nets[i]
+                statuses.append("eager (compile failed)")
         self.compile_status = statuses[0] if len(set(statuses)) == 1 else "; ".join(statuses)
 
     def _after(self, name: str) -> None:
@@ -670,7 +713,7 @@ class CdmixSide:
         calls = [c for c in self.recorder.calls if c.phase == name]
         state = snapshot(self.method.nets, self.method.optimizers)
         seconds = replay(calls, self.method.nets, self.method.optimizers, self.amp, self.device,
-                         self.data.num_classes, self.opts.replay_calls or None)
+                         self.data.num_classes, self.opts.replay_calls or None, self.wrappers)
         restore(self.method.nets, self.method.optimizers, state)
         self.compute_seconds[name] = seconds.get(name, 0.0)
 
@@ -1011,6 +1054,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
         "num_test": len(data.test_labels),
         "flops_per_image": flops_per_image,
         "amp": bool(cd.config.amp), "channels_last": cd.channels_last, "compile": cd.compile_status,
+        "eval_batch_size": cd.config.eval_batch_size,
         "faithful_order": not opts.fast,
         "workers": workers,
         "interleaved": bool(holder["interleave"] and reference is not None),
@@ -1109,7 +1153,8 @@ def _header(result: dict[str, Any], has_ref: bool) -> list[str]:
         f"- device: {machine['device']} - {where}; torch {machine['torch']}, Python {machine['python']}"
         + "".join(f"; {k}={v}" for k, v in machine.get("env", {}).items()),
         f"- cdmix: {order} order, bf16 autocast {_on(result['amp'])}, channels_last "
-        f"{_on(result['channels_last'])}, compile {result['compile']}; eval batch {opts['eval_batch_size']}",
+        f"{_on(result['channels_last'])}, compile {result['compile']}; eval batch "
+        f"{result.get('eval_batch_size', opts['eval_batch_size'])}",
         reference,
         f"- pure compute: the epoch's recorded forwards (+ backward and SGD step after each grad forward) on "
         f"pre-built batches, {replayed}",
