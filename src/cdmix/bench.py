@@ -531,28 +531,6 @@ def _is_compiled(net: torch.nn.Module) -> bool:
     return hasattr(net, "_orig_mod")
 
 
-def compile_with_fallback(net: torch.nn.Module, example: torch.Tensor) -> tuple[torch.nn.Module, str]:
-    """torch.compile ``net`` and try it once (eval, no grad); eager with the reason when it fails.
-
-    ``torch.compile`` itself is lazy: most failures (no C++ compiler, unsupported platform) only
-    show at the first call, hence the trial forward.
-    """
-    was = net.training
-    try:
-        compiled = torch.compile(net)
-        net.eval()
-        with torch.no_grad():
-            compiled(example)
-        net.train(was)
-        return compiled, "compiled"
-    except Exception as exc:  # compile support varies by platform and install
-        net.train(was)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        reason = f"{type(exc).__name__}: {first[:200]}"
-        print(f"warning: --compile could not be used ({reason}); running eagerly")
-        return net, "eager (compile failed)"
-
-
 def _subset_train(train, k: int):
     """The first ``k`` samples of a TrainSet (a view, for --steps in the warm-up)."""
     from cdmix.methods.base import TrainSet
@@ -669,34 +647,9 @@ class CdmixSide:
         self.channels_last = on
 
     def _compile(self) -> None:
-        """The method compiles its training modules itself (``train_nets``) when ``config.compile``;
-        ``torch.compile`` is lazy, so try each once here and fall back to the bare net if it fails."""
-        method = self.method
-        wrappers = getattr(method, "train_nets", None)
-        if wrappers is None:
-            self.compile_status = "not supported by this method"
-            return
-        example = self.trainer.train.images.batch(
-            torch.arange(min(2 * self.opts.batch_size, len(self.trainer.train)), device=self.device), augment=False)
-        statuses = []
-        for i, wrapper in enumerate(wrappers):
-            if not _is_compiled(wrapper):
-                wrapper, status = compile_with_fallback(wrapper, example)
-                wrappers[i] = wrapper
-                statuses.append(status)
-                continue
-            try:
-                was = wrapper.training
-                wrapper.eval()
-                with torch.no_grad(), self.amp():
-                    wrapper(example)
-                wrapper.train(was)
-                statuses.append("compiled")
-            except Exception as exc:  # compile support varies by platform and install
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                print(f"warning: --compile could not be used ({type(exc).__name__}: {first[:200]}); running eagerly")
-                wrappers[i] = method.nets[i]
-                statuses.append("eager (compile failed)")
+        """Report what ``Method`` did with ``config.compile``: it tries each compiled training module
+        once (torch.compile is lazy) and keeps the bare net when that fails."""
+        statuses = ["compiled" if _is_compiled(w) else "eager (compile failed)" for w in self.method.train_nets]
         self.compile_status = statuses[0] if len(set(statuses)) == 1 else "; ".join(statuses)
 
     def _after(self, name: str) -> None:

@@ -132,8 +132,7 @@ def preset_names() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     """Settings of a named preset, without its ``[info]`` table (published accuracy etc.)."""
-    values = dict(preset_info(name)["settings"])
-    return values
+    return dict(preset_info(name)["settings"])
 
 
 def preset_info(name: str) -> dict[str, Any]:
@@ -149,12 +148,8 @@ def preset_info(name: str) -> dict[str, Any]:
 def build_config(preset: str | None = None, config_file: str | None = None, **overrides: Any) -> Config:
     """Merge preset < config file < overrides (``None`` overrides are ignored) and validate."""
     values: dict[str, Any] = {}
-    if config_file:
-        file_values = load_toml(config_file)
-        preset = overrides.get("preset") or preset or file_values.get("preset")
-    else:
-        file_values = {}
-    preset = overrides.get("preset") or preset
+    file_values = load_toml(config_file) if config_file else {}
+    preset = overrides.get("preset") or preset or file_values.get("preset")
     if preset:
         values.update(load_preset(preset))
         values["preset"] = preset

@@ -101,7 +101,7 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def wrap(net: torch.nn.Module, info: DistInfo, device: str, sync_bn: bool) -> torch.nn.Module:
+def wrap(net: torch.nn.Module, info: DistInfo, device: str) -> torch.nn.Module:
     """The module used for training forwards: DDP under torchrun, the net itself otherwise."""
     if not info.enabled:
         return net

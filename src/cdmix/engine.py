@@ -127,14 +127,14 @@ class Trainer:
         train_idx = torch.as_tensor(data.train_pos)
         all_images = DeviceImages(raw.train_images, raw.mean, raw.std, device, channels_last)
         self.train = TrainSet(
-            images=_subset(all_images, train_idx),
+            images=all_images.subset(train_idx),
             labels=labels[train_idx].to(device),
             true_labels=None if true is None else torch.as_tensor(true, dtype=torch.int64)[train_idx].to(device),
             index=data.train_pos,
             num_classes=raw.num_classes,
             is_ood=None if raw.train_is_ood is None else torch.as_tensor(raw.train_is_ood)[train_idx].to(device),
         )
-        self.val_images = _subset(all_images, torch.as_tensor(data.val_pos)) if len(data.val_pos) else None
+        self.val_images = all_images.subset(torch.as_tensor(data.val_pos)) if len(data.val_pos) else None
         self.val_labels = labels[torch.as_tensor(data.val_pos)].to(device) if len(data.val_pos) else None
         self.test_images = DeviceImages(raw.test_images, raw.mean, raw.std, device, channels_last)
         self.test_labels = torch.as_tensor(raw.test_labels, dtype=torch.int64, device=device)
@@ -217,10 +217,8 @@ class Trainer:
                 seconds = self.seconds_before + time.perf_counter() - t_run
                 if main:  # only rank 0 writes the run folder
                     log.log(row)
-                    state = self.checkpoint_state(epoch, seconds)
-                    runs.atomic_torch_save(state, self.run_dir / runs.CHECKPOINT)
-                    if improved:
-                        runs.atomic_torch_save(state, self.run_dir / runs.BEST)
+                    paths = [self.run_dir / runs.CHECKPOINT] + ([self.run_dir / runs.BEST] if improved else [])
+                    runs.atomic_torch_save(self.checkpoint_state(epoch, seconds), *paths)
                     self.write_summary(epoch, seconds, log.rows)
                     print(epoch_line(config, row, self.best_acc))
                 distributed.barrier(self.dist)
@@ -307,13 +305,6 @@ class Trainer:
                     {"is_noisy": (self.train.labels != self.train.true_labels).cpu().numpy()}))
 
 
-def _subset(images: DeviceImages, idx: torch.Tensor) -> DeviceImages:
-    sub = object.__new__(DeviceImages)
-    sub.__dict__.update(images.__dict__)
-    sub.images = images.images[idx.to(images.device)]
-    return sub
-
-
 def device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
@@ -352,7 +343,7 @@ def start_run(config: Config) -> Trainer:
     run_dir = Path(distributed.broadcast_object(str(run_dir), info))
     config = config.replace(out=str(run_dir))
     if info.is_main:
-        runs.prepare_run_dir(run_dir, config.to_dict(), config.overwrite)
+        runs.prepare_run_dir(run_dir, config.overwrite)
         save_json(config, run_dir / runs.CONFIG)
         save_labels(run_dir, data)
         print_data_line(config, data)

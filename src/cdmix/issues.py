@@ -36,7 +36,7 @@ class LabelIssues:
 
 def rank_order(clean_prob: np.ndarray) -> np.ndarray:
     """Positions sorted from most to least suspicious; ties keep dataset order (stable)."""
-    return np.argsort(-(1.0 - np.asarray(clean_prob, dtype=np.float64)), kind="stable")
+    return np.argsort(np.asarray(clean_prob, dtype=np.float64), kind="stable")
 
 
 def write_label_issues(path: Path, index, given_label, predicted_label, clean_prob, true_label=None) -> None:

@@ -65,10 +65,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
+def atomic_torch_save(obj: Any, *paths: Path) -> None:
+    """Serialise ``obj`` once and write it atomically to every path (checkpoint.pt and best.pt)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    for path in paths:
+        atomic_write_bytes(path, buffer.getvalue())
 
 
 def default_run_dir(dataset: str, method: str) -> Path:
@@ -76,7 +78,7 @@ def default_run_dir(dataset: str, method: str) -> Path:
     return Path("runs") / f"{dataset}-{method}-{stamp}"
 
 
-def prepare_run_dir(path: Path, config_dict: dict[str, Any], overwrite: bool) -> None:
+def prepare_run_dir(path: Path, overwrite: bool) -> None:
     """Create the folder; refuse one that holds a different run unless ``overwrite``."""
     path = Path(path)
     if path.exists() and not path.is_dir():

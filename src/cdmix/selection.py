@@ -304,6 +304,24 @@ def selection_metrics(selected_mask: Any, clean_prob: Any, is_clean_true: Any) -
     }
 
 
+def per_class_thresholds(clean_score: Any, labels: Any, num_classes: int, base_threshold: float,
+                         quantile: float = 0.5) -> np.ndarray:
+    """The thresholds ``t_c = min(base_threshold, Q_c)`` of :func:`per_class_threshold_mask`: (C,)
+    float64; a class with no samples keeps ``base_threshold``."""
+    if not 0.0 <= quantile <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+    score = _to_numpy(clean_score).reshape(-1)
+    lab = _to_numpy(labels, dtype=np.int64).reshape(-1)
+    if score.size != lab.size:
+        raise ValueError("clean_score and labels must have the same length")
+    thresholds = np.full(num_classes, float(base_threshold))
+    for c in range(num_classes):
+        s_c = score[lab == c]
+        if s_c.size:
+            thresholds[c] = min(float(base_threshold), float(np.quantile(s_c, quantile, method="lower")))
+    return thresholds
+
+
 def per_class_threshold_mask(
     clean_score: Any,
     labels: Any,
@@ -331,18 +349,9 @@ def per_class_threshold_mask(
     Returns:
         (N,) bool mask.
     """
-    if not 0.0 <= quantile <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
     score = _to_numpy(clean_score).reshape(-1)
     lab = _to_numpy(labels, dtype=np.int64).reshape(-1)
-    if score.size != lab.size:
-        raise ValueError("clean_score and labels must have the same length")
-    thresholds = np.full(num_classes, float(base_threshold))
-    for c in range(num_classes):
-        s_c = score[lab == c]
-        if s_c.size:
-            q = float(np.quantile(s_c, quantile, method="lower"))
-            thresholds[c] = min(float(base_threshold), q)
+    thresholds = per_class_thresholds(score, lab, num_classes, base_threshold, quantile)
     valid = (lab >= 0) & (lab < num_classes)
     per_sample = np.where(valid, thresholds[np.clip(lab, 0, num_classes - 1)], np.inf)
     return score >= per_sample

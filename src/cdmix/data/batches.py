@@ -46,6 +46,13 @@ class DeviceImages:
     def shape(self) -> torch.Size:
         return self.images.shape
 
+    def subset(self, idx: torch.Tensor) -> "DeviceImages":
+        """The images at ``idx`` (a copy on the same device), with the same normalisation."""
+        sub = object.__new__(DeviceImages)
+        sub.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_window_cache"})
+        sub.images = self.images[idx.to(self.device)]
+        return sub
+
     def normalise(self, images_uint8: torch.Tensor) -> torch.Tensor:
         # uint8 * float32 promotes inside one kernel (no separate .float() copy); the result is written
         # straight into the requested memory format. Bit-identical to ``x.float() * scale - shift``.
@@ -124,17 +131,3 @@ def _window_index(rows: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
     dx = torch.where(flip, 2 * pad - offsets[1], offsets[1])
     return sel, offsets[0], dx
 
-
-def iterate_batches(n: int, batch_size: int, device: torch.device | str,
-                    generator: torch.Generator | None = None, shuffle: bool = True,
-                    indices: torch.Tensor | None = None):
-    """Yield index tensors covering ``indices`` (or 0..n-1) once, shuffled with ``generator``.
-
-    The last batch may be smaller (like a DataLoader with drop_last=False).
-    """
-    if indices is None:
-        indices = torch.arange(n, device=device)
-    if shuffle:
-        indices = indices[torch.randperm(len(indices), device=indices.device, generator=generator)]
-    for start in range(0, len(indices), batch_size):
-        yield indices[start:start + batch_size]

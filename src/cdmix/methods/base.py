@@ -14,6 +14,7 @@ from cdmix import distributed
 from cdmix.config import Config
 from cdmix.data.batches import DeviceImages
 from cdmix.models import create_model
+from cdmix.selection import fit_gmm_clean_prob, minmax_normalise, selection_metrics
 
 
 @dataclass
@@ -80,15 +81,26 @@ def build_optimizer(config: Config, net: torch.nn.Module) -> torch.optim.Optimiz
                            weight_decay=config.weight_decay)
 
 
-def maybe_compile(config: Config, net: torch.nn.Module) -> torch.nn.Module:
-    """torch.compile when asked; fall back to eager with a clear message when it cannot be used."""
+def maybe_compile(config: Config, net: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
+    """torch.compile when asked, tried once on ``example`` (eval mode, no grad, so no state changes);
+    eager with a clear message when it cannot be used. The trial is needed because torch.compile is
+    lazy: most failures (no C++ compiler, unsupported platform) only show at the first call."""
     if not config.compile:
         return net
+    was_training = net.training
     try:
-        return torch.compile(net)
+        compiled = torch.compile(net)
+        net.eval()
+        with torch.no_grad(), autocast(config):
+            compiled(example)
+        return compiled
     except Exception as exc:  # compile support varies by platform and install
-        print(f"warning: --compile could not be used ({type(exc).__name__}: {exc}); running eagerly")
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else ""
+        print(f"warning: --compile could not be used ({type(exc).__name__}: {first}); running eagerly")
         return net
+    finally:
+        net.train(was_training)
 
 
 class Method:
@@ -111,8 +123,10 @@ class Method:
                                                  config.sync_bn) for _ in range(self.num_nets)]
         self.optimizers = [build_optimizer(config, net) for net in self.nets]
         # Training forwards go through these: DDP wrappers under torchrun, compiled or plain nets otherwise.
-        self.train_nets = [maybe_compile(config, distributed.wrap(net, self.dist, config.device, config.sync_bn))
-                           for net in self.nets]
+        example = train.images.batch(torch.arange(min(2 * config.batch_size, len(train)),
+                                                  device=train.labels.device), augment=False) if config.compile else None
+        self.train_nets = [maybe_compile(config, distributed.wrap(net, self.dist, config.device),
+                                         example) for net in self.nets]
         self.last_division: dict[str, np.ndarray] | None = None
         # Cut by the collapse guard's rollback: scales the lr and the pseudo-label weight.
         self.damping = 1.0
@@ -184,8 +198,6 @@ class Method:
         """
         if self.last_division is not None and "clean_prob" in self.last_division:
             return self.last_division["clean_prob"]
-        from cdmix.selection import fit_gmm_clean_prob, minmax_normalise
-
         losses = torch.stack([self.per_sample_losses(net) for net in self.eval_nets()]).mean(0)
         norm = minmax_normalise(losses.cpu().numpy())
         prob, params = fit_gmm_clean_prob(norm, seed=self.config.seed)
@@ -194,6 +206,17 @@ class Method:
                               "gmm_variances": np.asarray(params["variances"]),
                               "gmm_weights": np.asarray(params["weights"])}
         return prob
+
+    def add_selection_metrics(self, row: dict, tag: str, selected: np.ndarray, score: np.ndarray) -> None:
+        """Precision / recall of the selected-as-clean set and ROC-AUC of ``score``, where the true
+        labels are known (``sel_*_<tag>`` columns)."""
+        if self.train.true_labels is None:
+            return
+        is_clean = (self.train.labels == self.train.true_labels).cpu().numpy()
+        metrics = selection_metrics(selected, score, is_clean)
+        row[f"sel_precision_{tag}"] = metrics["precision"]
+        row[f"sel_recall_{tag}"] = metrics["recall"]
+        row[f"sel_auc_{tag}"] = metrics["auc"]
 
     # ----- state
     def extra_state(self) -> dict:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cdmix import distributed
 from cdmix import losses as L
 from cdmix.methods.base import EpochContext, Method, autocast, progress_bar, supervised_epoch
-from cdmix.selection import fit_gmm_clean_prob, loss_history_average, minmax_normalise, selection_metrics
+from cdmix.selection import fit_gmm_clean_prob, loss_history_average, minmax_normalise
 
 
 class DivideMix(Method):
@@ -44,15 +44,18 @@ class DivideMix(Method):
         t0 = time.perf_counter()
         clean_probs = self.divide(ctx, row)
         row["seconds_divide"] = time.perf_counter() - t0
+        self.co_train(clean_probs, ctx, row)
+        return row
+
+    def co_train(self, clean_probs: list[np.ndarray], ctx: EpochContext, row: dict[str, float]) -> None:
+        """Train net1 on net2's division, then net2 on net1's (co-divide); per-net stats into ``row``."""
         for a, b in ((0, 1), (1, 0)):
             t1 = time.perf_counter()
-            # Net A learns from the division of its partner B (co-divide).
             stats = self.train_net(a, b, clean_probs[b], ctx)
             row.update({f"{k}_net{a + 1}": v for k, v in stats.items()})
             row[f"seconds_train_net{a + 1}"] = time.perf_counter() - t1
         row["train_loss"] = (row["loss_net1"] + row["loss_net2"]) / 2
         row["lambda_u_eff"] = row["lambda_u_eff_net2"]
-        return row
 
     def warmup_epoch(self, ctx: EpochContext) -> dict[str, float]:
         row = {}
@@ -106,15 +109,6 @@ class DivideMix(Method):
         if not agree:
             print(f"warning: rank {self.dist.rank} holds a different division from rank 0")
         return agree
-
-    def add_selection_metrics(self, row: dict, tag: str, selected: np.ndarray, score: np.ndarray) -> None:
-        if self.train.true_labels is None:
-            return
-        is_clean = (self.train.labels == self.train.true_labels).cpu().numpy()
-        metrics = selection_metrics(selected, score, is_clean)
-        row[f"sel_precision_{tag}"] = metrics["precision"]
-        row[f"sel_recall_{tag}"] = metrics["recall"]
-        row[f"sel_auc_{tag}"] = metrics["auc"]
 
     # ----- training one net on its partner's division
     def labeled_split(self, clean_prob: np.ndarray, tag: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,44 +194,51 @@ class DivideMix(Method):
         outs += list(both.chunk(2))
         return L.co_guess([F.softmax(o.float(), dim=1) for o in outs], self.config.temperature)
 
-    def refine_labeled(self, net, x1, x2, labels_onehot, w) -> torch.Tensor:
-        """Co-refinement: w·y + (1−w)·mean prediction of the two views, sharpened (no grad)."""
+    def refine_labeled(self, net, x1, x2, labels_onehot, w, temperature: float | None = None) -> torch.Tensor:
+        """Co-refinement: w·y + (1−w)·mean prediction of the two views, sharpened with
+        ``temperature`` (default: the config's T) (no grad)."""
         if self.config.faithful_order:
             p1, p2 = net(x1), net(x2)
         else:
             p1, p2 = net(torch.cat([x1, x2])).chunk(2)
         return L.co_refine(F.softmax(p1.float(), 1), F.softmax(p2.float(), 1), labels_onehot, w,
-                           self.config.temperature)
+                           self.config.temperature if temperature is None else temperature)
+
+    def views_and_targets(self, net, idx_x, idx_u, weights, guess, temperature, gen):
+        """Two augmented views of the labeled and the unlabeled batch, the co-refined labeled targets
+        and ``guess(u1, u2)`` for the unlabeled ones (no grad). Returns (views [x1, x2, u1, u2]
+        (without u1, u2 when ``idx_u`` is empty), targets_x, targets_u or None)."""
+        images = self.train.images
+        views = [images.batch(idx_x, augment=True, generator=gen), images.batch(idx_x, augment=True, generator=gen)]
+        labels_onehot = F.one_hot(self.train.labels[idx_x], self.num_classes).float()
+        targets_u = None
+        with torch.no_grad(), autocast(self.config):
+            if len(idx_u) > 0:
+                views += [images.batch(idx_u, augment=True, generator=gen),
+                          images.batch(idx_u, augment=True, generator=gen)]
+                targets_u = guess(views[2], views[3])
+            targets_x = self.refine_labeled(net, views[0], views[1], labels_onehot, weights[idx_x], temperature)
+        return views, targets_x, targets_u
+
+    def mix(self, views, targets_x, targets_u, ctx):
+        """MixUp over the concatenated views [x1, x2, u1, u2] with targets [p', p', q, q]: λ from the
+        shared host RNG (max(λ, 1−λ)), the permutation from this rank's generator."""
+        targets = [targets_x, targets_x] + ([] if targets_u is None else [targets_u, targets_u])
+        all_inputs, all_targets = torch.cat(views), torch.cat(targets)
+        lam = L.sample_mix_lambda(self.config.alpha, ctx.rng)
+        perm = torch.randperm(len(all_inputs), device=all_inputs.device, generator=ctx.aug_generator)
+        return L.mixup(all_inputs, all_targets, lam, perm)
 
     def step(self, net, partner, optimizer, idx_x, idx_u, weights, lambda_u_eff, ctx):
         config = self.config
-        images = self.train.images
-        gen = ctx.aug_generator
-        x1 = images.batch(idx_x, augment=True, generator=gen)
-        x2 = images.batch(idx_x, augment=True, generator=gen)
-        has_u = len(idx_u) > 0
-        labels_onehot = F.one_hot(self.train.labels[idx_x], self.num_classes).float()
-        with torch.no_grad(), autocast(config):
-            if has_u:
-                u1 = images.batch(idx_u, augment=True, generator=gen)
-                u2 = images.batch(idx_u, augment=True, generator=gen)
-                targets_u = self.guess_unlabeled(net, partner, u1, u2)
-            targets_x = self.refine_labeled(net, x1, x2, labels_onehot, weights[idx_x])
-        inputs = [x1, x2] + ([u1, u2] if has_u else [])
-        targets = [targets_x, targets_x] + ([targets_u, targets_u] if has_u else [])
-        all_inputs, all_targets = torch.cat(inputs), torch.cat(targets)
-        lam = L.sample_mix_lambda(config.alpha, ctx.rng)
-        perm = torch.randperm(len(all_inputs), device=all_inputs.device, generator=gen)
-        mixed_inputs, mixed_targets = L.mixup(all_inputs, all_targets, lam, perm)
+        views, targets_x, targets_u = self.views_and_targets(
+            net, idx_x, idx_u, weights, lambda u1, u2: self.guess_unlabeled(net, partner, u1, u2),
+            config.temperature, ctx.aug_generator)
+        mixed_inputs, mixed_targets = self.mix(views, targets_x, targets_u, ctx)
         with autocast(config):
             logits = net(mixed_inputs)
         total, lx, lu, penalty = L.dividemix_loss(logits.float(), mixed_targets, 2 * len(idx_x), lambda_u_eff)
-        total = total + self.extra_loss(net, x1, x2, idx_x, idx_u, ctx)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
         return total, lx, lu, penalty
-
-    def extra_loss(self, net, x1, x2, idx_x, idx_u, ctx) -> torch.Tensor:
-        """Hook for subclasses (the hybrid adds its consistency loss); 0 for DivideMix."""
-        return torch.zeros((), device=x1.device)

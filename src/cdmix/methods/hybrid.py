@@ -143,13 +143,7 @@ class Hybrid(DivideMix):
             if self.in_second_warmup(ctx.epoch):
                 row.update(self.second_warmup_epoch(ctx))
             else:
-                for a, b in ((0, 1), (1, 0)):
-                    t1 = time.perf_counter()
-                    stats = self.train_net(a, b, clean_probs[b], ctx)
-                    row.update({f"{k}_net{a + 1}": v for k, v in stats.items()})
-                    row[f"seconds_train_net{a + 1}"] = time.perf_counter() - t1
-                row["train_loss"] = (row["loss_net1"] + row["loss_net2"]) / 2
-                row["lambda_u_eff"] = row["lambda_u_eff_net2"]
+                self.co_train(clean_probs, ctx, row)
                 row["lcons"] = (row["lcons_net1"] + row["lcons_net2"]) / 2
         row["temperature_eff"] = self.temperature_now
         row["ema_decay"] = self.ema_decay(ctx.epoch)
@@ -329,32 +323,14 @@ class Hybrid(DivideMix):
         """Loss of one batch for net ``a``: (total, Lx, Lu, penalty, L_cons), float32 scalars."""
         c = self.config
         net = self.train_nets[a]
-        images, gen = self.train.images, ctx.aug_generator
-        x1 = images.batch(idx_x, augment=True, generator=gen)
-        x2 = images.batch(idx_x, augment=True, generator=gen)
-        has_u = len(idx_u) > 0
-        labels_onehot = F.one_hot(self.train.labels[idx_x], self.num_classes).float()
-        with torch.no_grad(), autocast(c):
-            if has_u:
-                u1 = images.batch(idx_u, augment=True, generator=gen)
-                u2 = images.batch(idx_u, augment=True, generator=gen)
-                targets_u = self.pseudo_labels(u1, u2)
-            if c.faithful_order:
-                r1, r2 = net(x1), net(x2)
-            else:
-                r1, r2 = net(torch.cat([x1, x2])).chunk(2)
-            targets_x = L.co_refine(F.softmax(r1.float(), 1), F.softmax(r2.float(), 1), labels_onehot,
-                                    weights[idx_x], self.temperature_now)
+        gen = ctx.aug_generator
+        views, targets_x, targets_u = self.views_and_targets(net, idx_x, idx_u, weights, self.pseudo_labels,
+                                                             self.temperature_now, gen)
         if c.stab_label_smoothing > 0:
             targets_x = (1 - c.stab_label_smoothing) * targets_x + c.stab_label_smoothing / self.num_classes
-        views = [x1, x2] + ([u1, u2] if has_u else [])
         if c.stab_strong_aug:
             views = [strong_augment(v, gen) for v in views]
-        targets = [targets_x, targets_x] + ([targets_u, targets_u] if has_u else [])
-        all_inputs, all_targets = torch.cat(views), torch.cat(targets)
-        lam = L.sample_mix_lambda(c.alpha, ctx.rng)
-        perm = torch.randperm(len(all_inputs), device=all_inputs.device, generator=gen)
-        mixed_inputs, mixed_targets = L.mixup(all_inputs, all_targets, lam, perm)
+        mixed_inputs, mixed_targets = self.mix(views, targets_x, targets_u, ctx)
         consistency = c.lambda_cons > 0
         with autocast(c):
             if consistency and self.dist.enabled:
@@ -370,7 +346,7 @@ class Hybrid(DivideMix):
         if consistency:
             # Views in the order [x1, x2, u1, u2]: view 1 = x1 ∪ u1, view 2 = x2 ∪ u2.
             out = views_out.float()
-            nx, nu = len(idx_x), len(idx_u) if has_u else 0
+            nx, nu = len(idx_x), len(idx_u) if targets_u is not None else 0
             v1 = torch.cat([out[:nx], out[2 * nx:2 * nx + nu]])
             v2 = torch.cat([out[nx:2 * nx], out[2 * nx + nu:]])
             lcons = L.symmetric_kl(F.softmax(v1, 1), F.softmax(v2, 1), base2=True).mean()

@@ -33,7 +33,7 @@ from cdmix import distributed
 from cdmix import losses as L
 from cdmix.data.strong_aug import strong_augment
 from cdmix.methods.base import EpochContext, Method, autocast, progress_bar
-from cdmix.selection import selection_metrics
+from cdmix.selection import per_class_thresholds
 
 # Stabilisers that only mean something for the two-net DivideMix pipeline.
 _HYBRID_ONLY = ("stab_temperature_decay", "stab_gmm_running_mean", "stab_blend_selection",
@@ -216,18 +216,12 @@ class JoSRC(Method):
     def class_thresholds(self, tau: float) -> torch.Tensor:
         """Per-class thresholds (C,): ``tau``, or with per-class thresholds the floor
         ``min(tau, median of last epoch's P_clean of the class)``."""
-        c = self.config
-        out = torch.full((self.num_classes,), float(tau), device=self.p_clean.device)
-        if not c.stab_per_class_threshold or not bool(self.seen.all()):
-            return out
-        scores, labels = self.p_clean, self.train.labels
-        for k in range(self.num_classes):
-            s = scores[labels == k]
-            if len(s):
-                # numpy "lower" quantile 0.5, as selection.per_class_threshold_mask uses.
-                q = torch.sort(s).values[(len(s) - 1) // 2]
-                out[k] = torch.minimum(out[k], q)
-        return out
+        device = self.p_clean.device
+        if not self.config.stab_per_class_threshold or not bool(self.seen.all()):
+            return torch.full((self.num_classes,), float(tau), device=device)
+        thresholds = per_class_thresholds(self.p_clean.cpu().numpy(), self.train.labels.cpu().numpy(),
+                                          self.num_classes, tau)
+        return torch.as_tensor(thresholds, dtype=torch.float32, device=device)
 
     # ----- one epoch
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
@@ -338,12 +332,7 @@ class JoSRC(Method):
         selected = (self.p_clean >= thresholds[self.train.labels]).cpu().numpy()
         flagged = self.ood_flag.cpu().numpy()
         row["p_clean_mean"] = float(p_clean.mean()) if len(p_clean) else 0.0
-        if self.train.true_labels is not None:
-            is_clean = (self.train.labels == self.train.true_labels).cpu().numpy()
-            metrics = selection_metrics(selected, p_clean, is_clean)
-            row["sel_precision_net1"] = metrics["precision"]
-            row["sel_recall_net1"] = metrics["recall"]
-            row["sel_auc_net1"] = metrics["auc"]
+        self.add_selection_metrics(row, "net1", selected, p_clean)
         is_ood = train_is_ood(self.train)
         if is_ood is not None:
             row.update(ood_metrics(flagged, is_ood))
