@@ -1,0 +1,153 @@
+"""Load a local pretrained state dict (``.pth``/``.pt`` or ``.safetensors``) into a model.
+
+The file is never unpickled as arbitrary code: ``.pth``/``.pt`` go through
+``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+containers. ``.safetensors`` needs the optional ``safetensors`` package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cdmix.errors import UserError
+
+__all__ = ["load_pretrained", "sha256_file"]
+
+# How many key names an error message lists per kind of problem.
+_SHOW = 3
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The file's ``{key: tensor}`` (unwrapped from ``state_dict``/``model``, ``module.`` stripped)."""
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise UserError(f"weights file {path} is .safetensors: pip install safetensors") from None
+        try:
+            raw: object = load_file(str(path), device="cpu")
+        except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
+            raise UserError(f"cannot read weights file {path}: {_first_line(exc)}") from None
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # UnpicklingError (refused object), RuntimeError / EOFError (corrupt)
+            raise UserError(
+                f"cannot read weights file {path} as a plain state dict (weights_only loading; "
+                f"only tensors and plain containers are accepted): {_first_line(exc)}"
+            ) from None
+
+    if isinstance(raw, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(raw.get(wrapper), dict):
+                raw = raw[wrapper]
+                break
+    if not isinstance(raw, dict) or not raw:
+        raise UserError(f"weights file {path} holds no state dict (a non-empty dict of tensors)")
+    not_tensors = [str(k) for k, v in raw.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        shown = ", ".join(not_tensors[:_SHOW])
+        raise UserError(f"weights file {path} is not a state dict: non-tensor values for {shown}")
+
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in raw.items():
+        key = str(key)
+        state[key.removeprefix("module.")] = value  # DistributedDataParallel saves "module.<name>"
+    # Keep the per-module versions torch saved, so version-dependent loaders (BN) behave as torch intends.
+    metadata = getattr(raw, "_metadata", None)
+    if metadata is not None:
+        stripped = OrderedDict((k.removeprefix("module."), v) for k, v in metadata.items())
+        state._metadata = stripped  # type: ignore[attr-defined]
+    return state
+
+
+def _classifier_name(net: nn.Module) -> str | None:
+    """Name of the model's last ``nn.Linear`` (its classifier), or None."""
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    return ", ".join(keys[:_SHOW]) + more
+
+
+def load_pretrained(net: nn.Module, path: str | Path) -> str:
+    """Copy the weights in the file ``path`` into ``net`` in place; return the file's sha256 hex digest.
+
+    ``path``: a ``.safetensors`` file, or any other suffix (``.pth``, ``.pt``) read with
+    ``torch.load(weights_only=True)``: a state dict, or a dict wrapping it under
+    ``"state_dict"`` or ``"model"``; a leading ``"module."`` (DDP) is stripped from keys.
+
+    The classifier (the model's last ``nn.Linear``, ``fc`` for the ResNets) is left
+    freshly initialised when the file's classifier differs only in the number of
+    classes. Everything else must match exactly, as ``strict=True``: missing keys,
+    unexpected keys or different shapes raise ONE :class:`UserError` naming the first
+    few keys, and ``net`` is left untouched. A missing, unreadable or corrupt file,
+    a pickled object in it, or ``.safetensors`` without the package also raise
+    :class:`UserError`. BatchNorm's ``num_batches_tracked`` may be absent from the file
+    (older torchvision files lack it; it is then set to 0).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} not found (give the path of a local .pth, .pt or .safetensors file)")
+    digest = sha256_file(path)
+    state = _read_state_dict(path)
+
+    own = net.state_dict()
+    classifier = _classifier_name(net)
+    kept_fresh: set[str] = set()
+    if classifier is not None:
+        weight_key, bias_key = f"{classifier}.weight", f"{classifier}.bias"
+        file_weight = state.get(weight_key)
+        if (
+            file_weight is not None
+            and weight_key in own
+            and file_weight.shape != own[weight_key].shape
+            and file_weight.shape[1:] == own[weight_key].shape[1:]
+        ):
+            # Same features, another number of classes: the head is retrained, keep ours.
+            for key in (weight_key, bias_key):
+                if key in own:
+                    kept_fresh.add(key)
+                    state.pop(key, None)
+
+    missing = [k for k in own if k not in state and k not in kept_fresh and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shape_differs = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shape_differs:
+        problems = []
+        if missing:
+            problems.append(f"missing {_listed(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {_listed(unexpected)}")
+        if shape_differs:
+            pairs = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shape_differs]
+            problems.append(f"shape differs (file vs model) for {_listed(pairs)}")
+        raise UserError(f"weights file {path} does not fit the {type(net).__name__} model: {'; '.join(problems)}")
+
+    result = net.load_state_dict(state, strict=False)
+    leftover = [k for k in result.missing_keys if k not in kept_fresh and not k.endswith(".num_batches_tracked")]
+    leftover += list(result.unexpected_keys)
+    if leftover:  # only reachable if a module's own loader disagrees with the checks above
+        raise UserError(f"weights file {path} does not fit the {type(net).__name__} model: {_listed(leftover)}")
+    return digest
