@@ -4,8 +4,8 @@
 #   bash benchmarks/gpu_check.sh RESULTS_DIR
 #
 # Run from anywhere inside the checkout. Installs the package (no dependencies, no network), runs the
-# GPU-marked tests and `cdmix bench` with hard time limits (the whole script stays under 8 minutes)
-# and writes every table and log into RESULTS_DIR:
+# GPU-marked tests and benchmarks/bench.py (`cdmix bench`) with hard time limits (the whole script stays
+# under 8 minutes) and writes every table and log into RESULTS_DIR:
 #
 #   versions.txt            torch / CUDA / GPU name
 #   pytest_gpu.txt          pytest -m gpu
@@ -75,7 +75,7 @@ fi
 step pytest_gpu 70 python -m pytest -m gpu -q -p no:cacheprovider tests/
 
 # shellcheck disable=SC2206  # EXTRA is a list of flags
-BENCH=(python -m cdmix bench --model preact_resnet18 --width "$WIDTH" --batch-size 64 --device "$DEVICE"
+BENCH=(python benchmarks/bench.py --model preact_resnet18 --width "$WIDTH" --batch-size 64 --device "$DEVICE"
        --images "$IMAGES" $EXTRA)
 step bench_faithful 200 "${BENCH[@]}" --out "$out/bench_faithful.json"
 step bench_fast 80 "${BENCH[@]}" --fast --no-reference --profile 25 --out "$out/bench_fast.json"

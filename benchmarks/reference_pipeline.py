@@ -1,7 +1,7 @@
 """A DivideMix pipeline built the way the official code (LiJunnan1992/DivideMix) runs it.
 
-This is the yardstick ``cdmix bench`` measures cdmix against, in the same process, on the same
-model and for the same number of steps. It copies the *structure* of the official
+This is the yardstick ``bench.py`` (``cdmix bench``) measures cdmix against, in the same process,
+on the same model and for the same number of steps. It copies the *structure* of the official
 ``dataloader_cifar.py`` / ``Train_cifar.py`` (not its code), because that structure is where the
 official run spends its time:
 
@@ -19,8 +19,7 @@ official run spends its time:
 * the MixMatch step with six separate no-grad forwards (net on u1, u2, partner on u1, u2, net on
   x1, x2), CPU-built one-hot labels and CPU ``randperm``, ``.item()`` for logging every step.
 
-Nothing here is imported by the cdmix package itself: ``cdmix bench`` loads this file by path
-from a source checkout.
+Nothing here is imported by the cdmix package itself: ``bench.py`` loads this file by path.
 """
 
 from __future__ import annotations

@@ -1,25 +1,37 @@
-"""`cdmix bench`, the official-style reference pipeline, and faithful vs --fast DivideMix forwards."""
+"""The speed benchmark (benchmarks/bench.py, `cdmix bench`), its measuring tools, the official-style
+reference pipeline, and faithful vs --fast DivideMix forwards."""
 
 from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
-from cdmix import bench
-from cdmix.cli import main
+from cdmix import cli
 from cdmix.data.batches import DeviceImages
+from cdmix.models import create_model
 from cdmix.selection import minmax_normalise
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark is part of the checkout, not of the package
+
+import bench  # noqa: E402
+from bench import main  # noqa: E402
+from measure import count_flops  # noqa: E402
 
 ref = bench.load_reference()
 needs_reference = pytest.mark.skipif(ref is None, reason="benchmarks/reference_pipeline.py not in this checkout")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
-BASE = ["bench", "--images", "96", "--width", "2", "--batch-size", "16", "--workers", "0", "--eval-batch-size", "64",
+BASE = ["--images", "96", "--width", "2", "--batch-size", "16", "--workers", "0", "--eval-batch-size", "64",
         "--threads", "1"]
 TINY = BASE + ["--steps", "2"]
 ROWS = ("| warm-up epoch |", "| divide |", "| train net1 |", "| train net2 |", "| test |",
@@ -48,6 +60,7 @@ def _tiny_method(faithful: bool = True, device: str = "cpu", images: int = 64, w
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bench_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(BASE + ["--out", str(out)]) == 0
@@ -73,9 +86,11 @@ def test_bench_runs_end_to_end_and_prints_the_table(tmp_path, capsys):
     assert result["memory"]["cdmix"]["max_rss_mib"] > 0
 
 
-def test_steps_cap_every_training_phase(tmp_path):
+def test_steps_cap_every_training_phase_run_through_cdmix_bench(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # `cdmix bench` runs ./benchmarks/bench.py
     out = tmp_path / "steps.json"
-    assert main(TINY + ["--no-reference", "--out", str(out)]) == 0
+    assert cli.main(["bench"] + TINY + ["--no-reference", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["options"]["command"].startswith("cdmix bench --images 96")
     phases = {r["phase"]: r for r in json.loads(out.read_text())["phases"]}
     assert phases["warm-up epoch"]["grad_steps"] == 4  # 2 nets x 2 steps
     assert phases["train net1"]["grad_steps"] == 2 and phases["train net2"]["grad_steps"] == 2
@@ -97,7 +112,7 @@ def test_bench_says_when_the_reference_is_missing(monkeypatch, capsys):
     assert "reference not found (run from a source checkout)" in out
 
 
-def test_compile_failure_falls_back_to_eager(monkeypatch, tmp_path, capsys):
+def test_compile_failure_falls_back_to_eager(monkeypatch, tmp_path, caplog):
     class Broken(torch.nn.Module):  # what a lazily failing torch.compile looks like at the first call
         def __init__(self, net):
             super().__init__()
@@ -109,7 +124,7 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(torch, "compile", lambda net, *a, **k: Broken(net))
     out = tmp_path / "compile.json"
     assert main(TINY + ["--compile", "--no-reference", "--out", str(out)]) == 0
-    assert "--compile could not be used (RuntimeError: no C++ compiler); running eagerly" in capsys.readouterr().out
+    assert "--compile could not be used (RuntimeError: no C++ compiler); running eagerly" in caplog.text
     assert json.loads(out.read_text())["compile"] == "eager (compile failed)"
 
 
@@ -142,7 +157,7 @@ def test_recorder_counts_a_wrapped_call_once():
     (["--model", "nope"], "unknown model"),
 ])
 def test_bench_bad_input_is_a_user_error(flags, message, capsys):
-    assert main(["bench", "--no-reference"] + flags) == 2
+    assert main(["--no-reference"] + flags) == 2
     assert message in capsys.readouterr().err
 
 
@@ -153,6 +168,67 @@ def test_subset_source_is_tiled(shared_data):
     assert data.train_images.shape == (6000, 32, 32, 3) and data.test_images.shape[0] == 1017
     np.testing.assert_array_equal(data.train_images[5551:], data.train_images[:6000 - 5551])
     assert 0.4 < float((data.noisy_labels != data.true_labels).mean()) < 0.5  # 50% sym over 10 classes
+
+
+def test_cdmix_bench_outside_a_checkout_says_where_to_run_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CDMIX_BENCHMARKS", raising=False)
+    assert cli.main(["bench", "--width", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "python benchmarks/bench.py" in err
+    monkeypatch.setenv("CDMIX_BENCHMARKS", str(REPO / "benchmarks"))  # or point at the folder
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "--help"])
+    assert exit_.value.code == 0
+    assert "usage: cdmix bench" in capsys.readouterr().out
+
+
+def test_cli_parser_imports_nothing_heavy():
+    """`cdmix --help`, `cdmix presets`, `cdmix train --help` stay fast: building the parser imports no torch,
+    numpy or matplotlib (the commands import what they run)."""
+    code = ("import sys, cdmix.cli; cdmix.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------------
+# FLOPs (torch.utils.flop_counter: 2 x multiply-accumulates of convolutions and matrix products)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_count_flops_hand_computed():
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, kernel_size=3, padding=1),  # 4x5x5 out, 2*3*3 MACs each
+        nn.ReLU(),
+        nn.Conv2d(4, 4, kernel_size=1, stride=2),  # 4x3x3 out, 4 MACs each
+        nn.Flatten(),
+        nn.Linear(36, 7),
+    )
+    macs = (4 * 5 * 5) * (2 * 3 * 3) + (4 * 3 * 3) * 4 + 36 * 7
+    assert count_flops(model, (2, 5, 5)) == 2 * macs
+    # A leading batch size is ignored: the count is per example.
+    assert count_flops(model, (16, 2, 5, 5)) == 2 * macs
+
+
+def test_count_flops_grouped_conv_matmul_and_mode_restored():
+    model = nn.Sequential(nn.Conv2d(4, 8, kernel_size=3, padding=1, groups=2), nn.BatchNorm2d(8)).train()
+    assert count_flops(model, (4, 6, 6)) == 2 * (8 * 6 * 6) * (2 * 3 * 3)
+    assert model.training
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+    class Gram(nn.Module):  # a bare matmul counts too (the hook counter saw only Conv2d / Linear)
+        def forward(self, x):
+            return x.flatten(1) @ x.flatten(1).T
+
+    assert count_flops(Gram(), (1, 2, 3)) == 2 * 6
+    with pytest.raises(ValueError):
+        count_flops(model, (6, 6))
+
+
+def test_count_flops_preact_resnet18():
+    flops = count_flops(create_model("preact_resnet18", 10), (3, 32, 32))
+    assert abs(flops - 2 * 0.557e9) / (2 * 0.557e9) < 0.05
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,7 +421,7 @@ def test_dividemix_step_on_cuda_bf16_channels_last():
 @needs_cuda
 def test_bench_runs_on_cuda(tmp_path, capsys):
     out = tmp_path / "cuda.json"
-    assert main(["bench", "--device", "cuda", "--images", "256", "--width", "8", "--steps", "3",
+    assert main(["--device", "cuda", "--images", "256", "--width", "8", "--steps", "3",
                  "--workers", "2", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["amp"] and result["channels_last"]

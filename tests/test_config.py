@@ -71,3 +71,40 @@ def test_resolve_fills_auto_fields_and_round_trips(tmp_path):
     save_json(config, tmp_path / "config.json")
     assert load_json(tmp_path / "config.json") == config
     assert json.loads((tmp_path / "config.json").read_text())["model"] == "small_cnn"
+
+
+def test_every_field_carries_its_flag_help_and_group():
+    from dataclasses import fields
+
+    from cdmix.config import GROUPS
+
+    for f in fields(Config):
+        assert f.metadata["group"] in GROUPS, f.name
+        assert f.metadata["help"].strip(), f.name
+
+
+def test_enumerated_settings_are_checked_from_their_choices():
+    with pytest.raises(UserError, match="unknown optimizer 'lbfgs'; choose one of sgd, adam"):
+        build_config(optimizer="lbfgs")
+    with pytest.raises(UserError, match="unknown schedule"):
+        build_config(schedule="linear")
+
+
+def test_user_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        build_config(noise_rate=2.0)
+
+
+def test_faithful_presets_run_in_fp32_and_others_default_to_bf16_on_cuda():
+    for name in preset_names():
+        if name.startswith(("dividemix-", "josrc-")):
+            resolved = resolve(build_config(preset=name), num_classes=10, image_size=32)
+            assert resolved.amp is False, name
+    assert build_config(preset="dividemix-cifar10-sym50", amp=True).amp is True  # --amp still turns it on
+    assert Config().amp is None  # auto: resolve() picks bf16 on CUDA only
+
+
+def test_negative_entropy_penalty_follows_the_asym_mode_also_with_a_noise_file(tmp_path):
+    noise_file = str(tmp_path / "0.4_asym.json")
+    assert resolve(Config(noise_mode="asym", noise_file=noise_file), 10, 32).neg_entropy is True
+    assert resolve(Config(noise_mode="sym", noise_file=noise_file), 10, 32).neg_entropy is False

@@ -32,6 +32,7 @@ def _finish(proc: subprocess.Popen, timeout: int = 240) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     """Per-rank batch B/2 on 2 ranks vs batch B on 1: same algorithm, accuracy within 6 points.
 
@@ -49,6 +50,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert abs(a["test_acc_last"] - b["test_acc_last"]) <= 6.0
 
 
+@pytest.mark.slow
 def test_dividemix_ranks_agree_and_resume_under_torchrun(tmp_path):
     run = tmp_path / "dm"
     args = ["train", "--epochs", "5", "--warmup", "1", "--batch-size", "16", "--out", str(run), *TINY]
@@ -71,6 +73,7 @@ def test_dividemix_ranks_agree_and_resume_under_torchrun(tmp_path):
     assert runs.read_summary(run)["epochs_done"] == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["josrc", "hybrid"])
 def test_other_methods_run_on_two_processes(tmp_path, method):
     out = _finish(_launch(2, "train", "--method", method, "--epochs", "3", "--warmup", "1", "--batch-size", "16",

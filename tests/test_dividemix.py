@@ -55,11 +55,12 @@ def test_warmup_then_codivide_order(train_set, monkeypatch):
     assert 0 < row["lambda_u_eff"] <= 25 / 16
 
 
-def test_empty_labeled_set_falls_back_and_does_not_nan(train_set, capsys):
+def test_empty_labeled_set_falls_back_and_does_not_nan(train_set, caplog):
     method = make(train_set, p_threshold=1.01)  # nothing can pass
     method.train_epoch(seed_epoch(method.config, 0))
-    row = method.train_epoch(seed_epoch(method.config, 1))
-    assert "most likely clean instead" in capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="cdmix"):
+        row = method.train_epoch(seed_epoch(method.config, 1))
+    assert "most likely clean instead" in caplog.text
     assert row["labeled_net1"] == 0 and row["labeled_used_net1"] == 32
     assert np.isfinite(row["loss_net1"]) and np.isfinite(row["loss_net2"])
 

@@ -44,6 +44,7 @@ def _wait_rows(run_dir: Path, n: int, proc, timeout=120):
     raise AssertionError("run did not reach the expected epoch in time")
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = _cdmix("train", *TINY, "--out", str(straight))
@@ -68,6 +69,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
     assert (straight / "label_issues.csv").read_text() == (killed / "label_issues.csv").read_text()
 
 
+@pytest.mark.slow
 def test_sigint_saves_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
     proc = _cdmix("train", *TINY, "--out", str(run))

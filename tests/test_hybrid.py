@@ -13,6 +13,7 @@ import cdmix
 from cdmix import losses as L
 from cdmix.config import Config, resolve
 from cdmix.data.batches import DeviceImages
+from cdmix.methods.averaging import ema_decay
 from cdmix.methods.base import EpochContext, TrainSet
 from cdmix.methods.hybrid import Hybrid, late_fraction
 from cdmix.selection import blend_clean_prob, fit_gmm_clean_prob, running_mean_update
@@ -53,7 +54,7 @@ def test_selection_is_js_of_averaged_prediction_with_report_tau():
     m = make_hybrid(tau_clean_max=0.8)
     row = {}
     scores = m.divide(ctx(1), row)
-    l1, l2 = m.train_logits()
+    l1, l2 = m.predict_logits(m.train.images, 32, nets=m.nets)
     p = F.softmax((l1 + l2) / 2, 1)
     smoothed = L.smooth_labels(m.train.labels, 4, 0.6)
     m_ = (p + smoothed) / 2
@@ -191,7 +192,7 @@ def test_second_warmup_schedule_and_teacher_reset():
 
 def test_slow_ema_and_swa():
     m = make_hybrid(stab_slow_ema=0.999, stab_swa_start=1)
-    assert m.ema_decay(0) == 0.99 and m.ema_decay(1) == 0.999
+    assert ema_decay(m.config, 0) == 0.99 and ema_decay(m.config, 1) == 0.999
     m.train_epoch(ctx(0))
     assert m.eval_nets() is m.nets
     snap1 = [p.clone() for p in m.nets[0].parameters()]
@@ -206,9 +207,9 @@ def test_slow_ema_and_swa():
 
 def _step_parts(m, seed=0):
     m.selected = np.arange(64) % 2 == 0
-    idx_x, idx_u = m.labeled_split(None, "t")
+    idx_x, idx_u = m.labeled_split(np.full(64, 0.7), "t")
     weights = torch.full((64,), 0.7)
-    return tuple(v.detach() for v in m.hybrid_step(0, idx_x[:16], idx_u[:16], weights, 5.0, ctx(3, seed)))
+    return tuple(v.detach() for v in m.loss_parts(0, 1, idx_x[:16], idx_u[:16], weights, 5.0, ctx(3, seed)))
 
 
 def test_confidence_penalty_and_label_smoothing_enter_the_loss():
@@ -242,10 +243,11 @@ def test_state_roundtrip():
                                         "stab_label_smoothing": 0.1, "stab_confidence_penalty": 0.1,
                                         "stab_slow_ema": 0.995}])
 def test_end_to_end_hybrid(tmp_path, extra):
-    result = cdmix.train(Config(dataset="digits", method="hybrid", epochs=4, warmup=2, out=str(tmp_path / "run"),
+    result = cdmix.train(Config(dataset="digits", method="hybrid", epochs=6, warmup=3, out=str(tmp_path / "run"),
                                 progress=False, width=8, **extra))
-    assert math.isfinite(result.test_acc_best) and math.isfinite(result.test_acc_last)
-    for row in result.metrics[2:]:
+    # It learns: 10 classes, so chance is 10%; seeds 0-4 reach 31-47% (with and without stabilisers).
+    assert result.test_acc_last > 20.0
+    for row in result.metrics[3:]:
         for key in ("train_loss", "lcons", "tau_clean", "sel_auc_net1", "test_acc"):
             assert math.isfinite(row[key]), key
     assert (result.run_dir / "label_issues.csv").is_file()

@@ -14,8 +14,9 @@ from cdmix import losses as L
 from cdmix.config import Config, resolve
 from cdmix.data.batches import DeviceImages
 from cdmix.data.strong_aug import strong_augment
+from cdmix.methods.averaging import SWA, ema_decay
 from cdmix.methods.base import EpochContext, TrainSet
-from cdmix.methods.josrc import SWA, JoSRC, cap_confidence, josrc_weighted_loss, ood_metrics, soft_ood_score
+from cdmix.methods.josrc import JoSRC
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,42 +81,9 @@ def test_teacher_is_ema_of_parameters():
 
 def test_slow_ema_after_warmup_only():
     m = make_josrc(warmup=2, stab_slow_ema=0.999)
-    assert m.ema_decay(0) == 0.99 and m.ema_decay(1) == 0.99
-    assert m.ema_decay(2) == 0.999
-    assert make_josrc(warmup=2).ema_decay(3) == 0.99
-
-
-def test_weighted_loss_matches_official_loss_with_argmax_split():
-    g = torch.Generator().manual_seed(1)
-    l1, l2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
-    smoothed = L.smooth_labels(torch.arange(8) % 5, 5, 0.6)
-    p1, p2 = l1.softmax(1), l2.softmax(1)
-    p_clean = L.clean_likelihood(p1, smoothed)
-    clean, _, ood = L.josrc_split(p1, p2, p_clean, float(p_clean.median()))
-    teacher = torch.rand(8, 5, generator=g).softmax(1)
-    targets = L.josrc_targets(clean, ood, smoothed, teacher, 10.0)
-    ref = L.josrc_loss(l1, l2, targets, ood, 0.5)
-    ours = josrc_weighted_loss(l1, l2, targets, ood.float(), torch.ones(8), 0.5)
-    for a, b in zip(ref, ours):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
-def test_soft_ood_score_and_confidence_cap():
-    agree = torch.tensor([[0.98, 0.01, 0.01]])
-    other = torch.tensor([[0.01, 0.98, 0.01]])
-    assert float(soft_ood_score(agree, agree)) < 0.05
-    assert float(soft_ood_score(agree, other)) > 0.95
-    uniform = torch.full((1, 4), 0.25)
-    assert float(soft_ood_score(uniform, uniform)) == pytest.approx(0.75)
-    p = torch.tensor([[0.97, 0.02, 0.01], [0.5, 0.3, 0.2]])
-    capped = cap_confidence(p, 0.8)
-    assert torch.allclose(capped.sum(1), torch.ones(2))
-    assert float(capped.max(1).values[0]) == pytest.approx(0.8)
-    assert torch.equal(capped[1], p[1])
-    assert torch.equal(capped.argmax(1), p.argmax(1))
-    assert cap_confidence(p, 1.0) is p
-    with pytest.raises(ValueError):
-        cap_confidence(p, 0.2)
+    assert ema_decay(m.config, 0) == 0.99 and ema_decay(m.config, 1) == 0.99
+    assert ema_decay(m.config, 2) == 0.999 and m.train_epoch(ctx(2))["ema_decay"] == 0.999
+    assert ema_decay(make_josrc(warmup=2).config, 3) == 0.99
 
 
 def test_teacher_cap_and_soft_ood_change_training():
@@ -146,7 +114,7 @@ def test_no_nan_when_nothing_or_everything_is_clean():
     assert all(torch.isfinite(p).all() for p in everything.nets[0].parameters())
 
 
-def test_division_metrics_and_ood_metrics():
+def test_division_metrics_and_ood_metrics_in_the_row():
     train = make_train()
     is_ood = np.zeros(len(train), dtype=bool)
     is_ood[:6] = True
@@ -161,9 +129,6 @@ def test_division_metrics_and_ood_metrics():
     prob = m.clean_prob()
     assert prob.shape == (len(train),) and np.all((prob >= 0) & (prob <= 1))
     assert np.array_equal(prob, m.p_clean.numpy().astype(np.float64))
-    assert ood_metrics(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)) == \
-        {"ood_precision": 0.5, "ood_recall": 0.5}
-    assert ood_metrics(np.zeros(3, bool), np.zeros(3, bool)) == {"ood_precision": 0.0, "ood_recall": 0.0}
 
 
 def test_per_class_thresholds_floor_at_class_median():
@@ -181,14 +146,16 @@ def test_per_class_thresholds_floor_at_class_median():
 def test_swa_is_running_average_and_used_for_eval():
     m = make_josrc(stab_swa_start=1)
     swa = SWA(m.nets)
-    snaps = []
     for k in range(3):
         with torch.no_grad():
             for p in m.nets[0].parameters():
                 p.fill_(float(k))
-        swa.update(m.nets)
-        snaps.append(k)
+        swa.update(m.nets, m.train.images, 16, m.config)
+    assert swa.count == 3
     assert all(torch.allclose(p, torch.full_like(p, 1.0)) for p in swa.nets[0].parameters())
+    # BatchNorm statistics are recomputed: a cumulative average over one pass of the images.
+    bn = [mod for mod in swa.nets[0].modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bn and all(int(mod.num_batches_tracked) == 3 for mod in bn)  # 48 images, batches of 16
     m2 = make_josrc(stab_swa_start=1, warmup=1)
     m2.train_epoch(ctx(0))
     assert m2.eval_nets() is m2.nets
@@ -226,7 +193,8 @@ def test_end_to_end_josrc_with_open_set(tmp_path):
     config = Config(dataset="digits", method="josrc", epochs=4, warmup=2, out=str(tmp_path / "run"), progress=False,
                     noise_rate=0.4, open_set_rate=0.1, open_set_source="digits", width=8)
     result = cdmix.train(config)
-    assert math.isfinite(result.test_acc_best) and math.isfinite(result.test_acc_last)
+    # It learns: 10 classes, so chance is 10%; seeds 0-4 reach 31-39%.
+    assert result.test_acc_last > 20.0
     for row in result.metrics:
         for key in ("train_loss", "lc", "lo", "tau_clean", "sel_auc_net1", "test_acc"):
             assert math.isfinite(row[key]), key

@@ -86,16 +86,6 @@ def test_sample_mix_lambda_reproducible_and_in_range():
         L.sample_mix_lambda(0.0, rng)
 
 
-def test_sample_mix_permutation_reproducible():
-    g1 = torch.Generator().manual_seed(3)
-    g2 = torch.Generator().manual_seed(3)
-    p1 = L.sample_mix_permutation(10, g1)
-    p2 = L.sample_mix_permutation(10, g2, device="cpu")
-    assert torch.equal(p1, p2)
-    assert torch.equal(p1.sort().values, torch.arange(10))
-    assert p1.dtype == torch.int64
-
-
 # ------------------------------------------------------------------ DivideMix losses
 
 
@@ -172,8 +162,6 @@ def test_dividemix_loss_composition():
     assert close(total, lx + 2.5 * lu + pen)
     total.backward()
     assert torch.isfinite(z.grad).all()
-    _, _, _, no_pen = L.dividemix_loss(z, t, 4, 2.5, use_penalty=False)
-    assert no_pen.item() == 0.0
 
 
 def test_dividemix_loss_missing_parts_are_zero():
@@ -311,6 +299,55 @@ def test_josrc_loss_by_formula():
     assert torch.isfinite(l1.grad).all() and torch.isfinite(l2.grad).all()
     total_a, _, _ = L.josrc_loss(l1, l2, t, ood, alpha=0.2)
     assert close(total_a, 0.8 * lc + 0.2 * lo, 1e-5)
+
+
+def test_josrc_soft_ood_weights_and_sample_weights():
+    g = torch.Generator().manual_seed(1)
+    l1, l2 = torch.randn(8, 5, generator=g), torch.randn(8, 5, generator=g)
+    smoothed = L.smooth_labels(torch.arange(8) % 5, 5, 0.6)
+    p1, p2 = l1.softmax(1), l2.softmax(1)
+    p_clean = L.clean_likelihood(p1, smoothed)
+    clean, _, ood = L.josrc_split(p1, p2, p_clean, float(p_clean.median()))
+    teacher = torch.rand(8, 5, generator=g).softmax(1)
+    # a 0/1 float weight is exactly the mask; unit sample weights change nothing
+    hard = L.josrc_targets(clean, ood, smoothed, teacher, 10.0)
+    assert torch.equal(hard, L.josrc_targets(clean, ood.float(), smoothed, teacher, 10.0))
+    ref = L.josrc_loss(l1, l2, hard, ood, 0.5)
+    for a, b in zip(ref, L.josrc_loss(l1, l2, hard, ood.float(), 0.5, sample_weight=torch.ones(8))):
+        assert torch.equal(a, b)
+    # soft weight o: (1 - o)·s + o·softmax(s / T) for unclean rows; Lo sign (1 - 2o)
+    o = torch.linspace(0, 1, 8)
+    soft = L.josrc_targets(clean, o, smoothed, teacher, 10.0)
+    mixed = (1 - o[:, None]) * teacher + o[:, None] * torch.softmax(teacher / 10.0, 1)
+    assert close(soft, torch.where(clean[:, None], smoothed, mixed))
+    w = torch.rand(8, generator=g)
+    total, lc, lo = L.josrc_loss(l1, l2, soft, o, 0.3, sample_weight=w)
+    ce = -(soft * F.log_softmax(l1, 1)).sum(1) - (soft * F.log_softmax(l2, 1)).sum(1)
+    skl = ((p1 - p2) * (torch.log2(p1) - torch.log2(p2))).sum(1)
+    assert close(lc, (w * ce).mean(), 1e-5) and close(lo, ((1 - 2 * o) * skl).mean(), 1e-5)
+    assert close(total, 0.7 * lc + 0.3 * lo, 1e-5)
+    # the soft disagreement replaces the argmax test; per-sample thresholds broadcast
+    score = L.soft_ood_score(p1, p2)
+    c2, i2, o2 = L.josrc_split(p1, p2, p_clean, torch.full((8,), float(p_clean.median())), score)
+    assert torch.equal(c2, clean) and torch.equal(o2, (score > 0.5) & ~clean) and torch.equal(i2, ~clean & ~o2)
+
+
+def test_soft_ood_score_and_confidence_cap():
+    agree = torch.tensor([[0.98, 0.01, 0.01]])
+    other = torch.tensor([[0.01, 0.98, 0.01]])
+    assert float(L.soft_ood_score(agree, agree)) < 0.05
+    assert float(L.soft_ood_score(agree, other)) > 0.95
+    uniform = torch.full((1, 4), 0.25)
+    assert float(L.soft_ood_score(uniform, uniform)) == pytest.approx(0.75)
+    p = torch.tensor([[0.97, 0.02, 0.01], [0.5, 0.3, 0.2]])
+    capped = L.cap_confidence(p, 0.8)
+    assert torch.allclose(capped.sum(1), torch.ones(2))
+    assert float(capped.max(1).values[0]) == pytest.approx(0.8)
+    assert torch.equal(capped[1], p[1])
+    assert torch.equal(capped.argmax(1), p.argmax(1))
+    assert L.cap_confidence(p, 1.0) is p
+    with pytest.raises(ValueError):
+        L.cap_confidence(p, 0.2)
 
 
 def test_josrc_loss_empty_and_bf16():

@@ -1,4 +1,4 @@
-"""Tests for the model registry, the three architectures and count_flops (fast, CPU)."""
+"""Tests for the model registry and the architectures (fast, CPU); count_flops: tests/test_bench.py."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from cdmix.errors import UserError
-from cdmix.models import count_flops, create_model, model_names
+from cdmix.models import create_model, model_names
 
 # Small widths keep the shape matrix fast; default widths are checked separately.
-_FAST_WIDTH = {"preact_resnet18": 16, "wrn28": 1, "small_cnn": 8}
+_FAST_WIDTH = {"preact_resnet18": 16, "wrn28": 1, "small_cnn": 8, "josrc_cnn": 16, "resnet18": 8, "resnet34": 8,
+               "resnet50": 8}
 
 
 def _n_params(model: nn.Module) -> int:
@@ -74,6 +75,9 @@ def test_width_scales_params(name):
     base = _FAST_WIDTH[name]
     small = _n_params(create_model(name, 10, width=base))
     big = _n_params(create_model(name, 10, width=2 * base))
+    if name == "josrc_cnn":  # the official 256-feature MLP head does not scale with width
+        assert small < big
+        return
     # Conv weights dominate and grow quadratically with width: roughly 4x, well over 3x.
     assert 3.0 * small < big < 4.5 * small
 
@@ -102,7 +106,8 @@ def test_channels_last_matches_contiguous(name):
 def test_autocast_bf16(name):
     torch.manual_seed(0)
     model = create_model(name, 10, in_channels=3, width=_FAST_WIDTH[name])
-    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    # 32 px: torch 2.13 CPU bf16 gives NaN grads for a stride-2 conv on a 1x1 map (ImageNet ResNets at 16 px)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     model = model.to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -124,33 +129,6 @@ def test_backward_finite_grads(name):
         assert p.grad is not None
         assert torch.isfinite(p.grad).all()
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
-
-
-def test_count_flops_hand_computed():
-    model = nn.Sequential(
-        nn.Conv2d(2, 4, kernel_size=3, padding=1),  # 4x5x5 out, 2*3*3 MACs each
-        nn.ReLU(),
-        nn.Conv2d(4, 4, kernel_size=1, stride=2),  # 4x3x3 out, 4 MACs each
-        nn.Flatten(),
-        nn.Linear(36, 7),
-    )
-    macs = (4 * 5 * 5) * (2 * 3 * 3) + (4 * 3 * 3) * 4 + 36 * 7
-    assert count_flops(model, (2, 5, 5)) == 2 * macs
-    # A leading batch size is ignored: the count is per example.
-    assert count_flops(model, (16, 2, 5, 5)) == 2 * macs
-
-
-def test_count_flops_grouped_conv_and_mode_restored():
-    model = nn.Sequential(nn.Conv2d(4, 8, kernel_size=3, padding=1, groups=2), nn.BatchNorm2d(8)).train()
-    assert count_flops(model, (4, 6, 6)) == 2 * (8 * 6 * 6) * (2 * 3 * 3)
-    assert model.training
-    assert not any(m._forward_hooks for m in model.modules())
-
-
-def test_count_flops_preact_resnet18():
-    model = create_model("preact_resnet18", 10)
-    flops = count_flops(model, (3, 32, 32))
-    assert abs(flops - 2 * 0.557e9) / (2 * 0.557e9) < 0.05
 
 
 def test_small_cnn_learns_digits():

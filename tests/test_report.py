@@ -115,12 +115,26 @@ def test_page_holds_config_and_summary(run_dir: Path, report) -> None:
 
 def test_make_report_returns_the_page_and_takes_a_folder_as_out(
         run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cdmix import report as report_module
+    from cdmix.report import page as page_module, plots
 
-    monkeypatch.setattr(report_module, "run_plots", lambda run, top=None: [report_module.plot_accuracy(run)])
+    monkeypatch.setattr(page_module, "run_plots", lambda run, top=None: [plots.plot_accuracy(run)])
     page = make_report(str(run_dir), out=tmp_path)
     assert page == tmp_path / "report.html" and page.is_file()
     assert (tmp_path / "report-accuracy.png").is_file()
+
+
+def test_tensorboard_events_hold_the_division(run_dir: Path) -> None:
+    """The live view shows the split: per-sample loss and clean-probability histograms, GMM means."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    histograms = events.Tags()["histograms"]
+    for net in ("net1", "net2"):
+        assert f"division/loss_{net}" in histograms and f"division/clean_prob_{net}" in histograms
+        assert {f"division/gmm_means_{net}_0", f"division/gmm_means_{net}_1"} <= set(events.Tags()["scalars"])
+    loss = events.Histograms("division/loss_net1")
+    assert [h.step for h in loss] == [2, 3, 4]  # every epoch after the 2 warm-up epochs
+    assert loss[-1].histogram_value.num == len(np.load(run_dir / "division.npz")["loss_net1"])
 
 
 # --------------------------------------------------------------------------- several runs, missing parts
@@ -146,9 +160,9 @@ def test_report_of_several_runs_and_a_run_missing_parts(run_dir: Path, stripped_
 def test_report_default_page_for_several_runs_is_in_the_current_folder(
         run_dir: Path, stripped_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    from cdmix import report as report_module
+    from cdmix.report import page as page_module
 
-    monkeypatch.setattr(report_module, "run_plots", lambda run, top=None: [])
+    monkeypatch.setattr(page_module, "run_plots", lambda run, top=None: [])
     page = make_report([run_dir, stripped_copy])
     assert page == tmp_path / "report.html" and page.is_file()
 

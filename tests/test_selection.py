@@ -120,12 +120,11 @@ def test_loss_history_average():
         S.loss_history_average([], 3)
 
 
-def test_division_strict_threshold():
-    lab, unl = S.division(np.array([0.9, 0.5, 0.2, 0.51]), 0.5)
-    assert lab.dtype == np.int64 and unl.dtype == np.int64
-    assert lab.tolist() == [0, 3] and unl.tolist() == [1, 2]
-    lab, unl = S.division(np.array([]), 0.5)
-    assert lab.size == 0 and unl.size == 0
+def test_ood_metrics():
+    assert S.ood_metrics(np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)) == \
+        {"ood_precision": 0.5, "ood_recall": 0.5}
+    assert S.ood_metrics(np.zeros(3, bool), np.zeros(3, bool)) == {"ood_precision": 0.0, "ood_recall": 0.0}
+    assert S.ood_metrics(torch.tensor([True, False]), torch.tensor([True, True]))["ood_recall"] == 0.5
 
 
 def test_selection_metrics():

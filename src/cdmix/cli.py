@@ -3,53 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from cdmix.errors import UserError
 
-# Help texts of the flags users reach for most; every other Config field gets a flag too.
-FLAG_HELP = {
-    "dataset": "digits (default, built in) | cifar10 | cifar100 | cifar10n | cifar100n | folder | csv | npz",
-    "data_path": "folder with the CIFAR pickles / image folder / CSV file / .npz file",
-    "labels": "CIFAR-N label set: worst | aggre | random1 | random2 | random3 (10N), noisy (100N)",
-    "label_file": "path of CIFAR-10_human.pt / CIFAR-100_human.pt",
-    "download": "download CIFAR / CIFAR-N files when missing (never done without this flag)",
-    "image_size": "resize folder/csv images to this size (default 32)",
-    "noise_mode": "synthetic noise: sym | sym-exclusive | asym | pairflip",
-    "noise_rate": "synthetic noise rate in [0, 1]",
-    "noise_file": "read (or write, if missing) the noisy labels as a DivideMix JSON list",
-    "val_fraction": "hold out this part of the training data for model selection",
-    "open_set_rate": "replace this part of the training images with open-set images",
-    "open_set_source": "open-set images: noise | digits | npz:PATH | cifar100:PATH (an .npz or cifar-100-python folder)",
-    "method": "standard | dividemix | josrc | hybrid",
-    "model": "preact_resnet18 | wrn28 | small_cnn (default: per dataset)",
-    "width": "model width (base channels; widen factor for wrn28)",
-    "epochs": "number of epochs",
-    "warmup": "warm-up epochs (plain cross-entropy)",
-    "batch_size": "batch size (DivideMix warm-up uses twice this)",
-    "lr": "learning rate",
-    "optimizer": "sgd (momentum, DivideMix) | adam (official Jo-SRC CIFAR run)",
-    "schedule": "lr schedule: step | cosine",
-    "lr_step": "step schedule: lr /10 from this epoch (default epochs // 2)",
-    "lambda_u": "weight of the unlabeled loss (DivideMix)",
-    "p_threshold": "clean probability threshold of the division",
-    "alpha": "MixUp Beta(alpha, alpha)",
-    "temperature": "sharpening temperature",
-    "loss_history": "average per-sample losses over this many epochs (5 for 90%% noise)",
-    "faithful_order": "official train-mode co-guess forwards, one per view (--no-faithful-order batches them)",
-    "lambda_cons": "weight of the Jo-SRC consistency loss (hybrid)",
-    "on_collapse": "warn | rollback (restore best.pt, cut lr and pseudo-label weight)",
-    "seed": "random seed",
-    "device": "auto | cpu | cuda",
-    "amp": "bf16 autocast (default: on for CUDA, off for CPU)",
-    "compile": "torch.compile the models (falls back to eager when unavailable)",
-    "sync_bn": "under torchrun: synchronise BatchNorm statistics across ranks (default: per-rank BN)",
-    "eval_batch_size": "batch size of the loss and test passes",
-    "out": "run folder (default runs/<dataset>-<method>-<time>)",
-    "overwrite": "replace an existing run in --out",
-    "preset": "a published setting (see `cdmix presets`)",
-    "progress": "progress bars (--no-progress: one line per epoch only)",
-}
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a bad flag raises ``UserError`` (``error: ...``, exit 2)."""
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 def _flag_type(annotation: str):
@@ -63,19 +27,23 @@ def _flag_type(annotation: str):
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per Config field, in the field's group, with its help text and choices."""
     from dataclasses import fields
 
-    from cdmix.config import Config
+    from cdmix.config import GROUPS, Config
 
     parser.add_argument("--config", dest="config_file", help="a TOML file of settings (flags override it)")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(str(f.type))
-        text = FLAG_HELP.get(f.name, f"(default {f.default})")
+        group = groups[f.metadata["group"]]
+        text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=text)
+            group.add_argument(flag, dest=f.name, type=kind, default=None, help=text,
+                               choices=f.metadata.get("choices"))
 
 
 def config_from_args(args: argparse.Namespace):
@@ -182,7 +150,7 @@ def cmd_issues(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="cdmix",
         description="Train image classifiers on noisy labels (DivideMix, Jo-SRC, their hybrid) and "
                     "rank the samples whose labels are probably wrong.")
@@ -220,18 +188,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=20, help="show the K most suspicious (default 20)")
     p.set_defaults(func=cmd_issues)
 
-    from cdmix import bench, report
-
-    report.add_report_parser(sub)
-    report.add_compare_parser(sub)
-    bench.add_bench_parser(sub)
+    add_report_parsers(sub)
     return parser
 
 
+# ----- report | compare | bench: parsers that import nothing heavy; each command imports what it runs
+def add_report_parsers(sub) -> None:
+    p = sub.add_parser(
+        "report", help="one-page HTML report of a run (plots, config, summary); several runs side by side",
+        description="Write a self-contained HTML page (plots embedded, opens offline) and its PNGs beside it. "
+                    "One run: RUN_DIR/report.html. Several runs: ./report.html unless --out is given.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="cdmix run folder(s)")
+    p.add_argument("--out", help="the HTML file to write (or a folder to write report.html in)")
+    p.add_argument("--top", type=int, default=None,
+                   help="samples in the confusion matrix of the most suspicious (default 10%%, at most 200)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser(
+        "compare", help="summaries of runs side by side; flags runs that ended > 2 points below their best",
+        description="Print the summaries of the runs as a table: dataset, method, epochs, best and last test "
+                    "accuracy, best - last, noise rate nominal and actual, seconds. Runs whose best - last exceeds "
+                    "2 points are marked '!'.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="cdmix run folder(s)")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(func=cmd_compare)
+
+    # No option prefix: every argument, --help included, goes on to benchmarks/bench.py.
+    p = sub.add_parser(
+        "bench", add_help=False, prefix_chars="+",
+        help="speed of one warm-up + one DivideMix epoch against the official-style pipeline (from a checkout: "
+             "runs ./benchmarks/bench.py; `cdmix bench --help` lists its flags)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_report(args) -> int:
+    from cdmix.report import build_report
+
+    report = build_report(args.run_dirs, args.out, args.top)
+    print(f"wrote {report.page}")
+    print(f"  and {len(report.pngs)} plot(s) beside it: {', '.join(p.name for p in report.pngs)}")
+    for line in report.missing:
+        print(f"  not drawn: {line}")
+    print(f"open it in a browser: {report.page.resolve().as_uri()}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from cdmix.report import compare_runs
+
+    print(compare_runs(args.run_dirs, markdown=args.markdown), end="")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """Run the benchmark of the repository checkout in the current folder (``benchmarks/bench.py``), or
+    of the folder ``$CDMIX_BENCHMARKS``; the benchmark is not part of the installed package."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    folder = Path(os.environ.get("CDMIX_BENCHMARKS", "benchmarks")).resolve()
+    script = folder / "bench.py"
+    if not script.is_file():
+        raise UserError(f"no {script}: the benchmark is not installed with cdmix; run `cdmix bench` from the root "
+                        "of a checkout of the repository (or `python benchmarks/bench.py ...` there)")
+    spec = importlib.util.spec_from_file_location("cdmix_benchmarks_bench", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module.main(args.bench_args, prog="cdmix bench")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now; warnings as ``warning: ...``, notes as they are."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = record.getMessage()
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
+
+
+def setup_logging() -> None:
+    """cdmix's messages (logger "cdmix") as lines on stderr."""
+    logger = logging.getLogger("cdmix")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
+    setup_logging()
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ GMM on all N samples and makes the same division.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -47,6 +48,8 @@ def setup(device: str) -> tuple[DistInfo, str]:
     info = env_info()
     if not info.enabled:
         return info, device
+    if not info.is_main:  # warnings once, from rank 0
+        logging.getLogger("cdmix").setLevel(logging.ERROR)
     if device.startswith("cuda"):
         device = f"cuda:{info.local_rank}"
         torch.cuda.set_device(info.local_rank)

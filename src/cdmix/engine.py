@@ -6,6 +6,8 @@ Every epoch is seeded from (seed, epoch), so a resumed run replays exactly the e
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import random
 import time
@@ -25,6 +27,8 @@ from cdmix.data.types import RawData
 from cdmix.errors import UserError
 from cdmix.methods import build_method
 from cdmix.methods.base import EpochContext, Method, TrainSet
+
+logger = logging.getLogger("cdmix")
 
 
 @dataclass
@@ -51,12 +55,22 @@ def load_data(config: Config) -> PreparedData:
     raw = load_source(config.dataset, config.data_path, labels=config.labels, label_file=config.label_file,
                       download=config.download, image_size=config.image_size, seed=config.seed,
                       progress=config.progress)
-    raw, noise_info = apply_noise(raw, config.noise_mode, config.noise_rate, config.seed, config.noise_file)
+    if config.open_set_classes:
+        from cdmix.data.openset import held_out_classes
+
+        raw, noise_info = held_out_classes(raw, config.open_set_classes, config.noise_rate, config.noise_mode,
+                                           config.seed)
+    else:
+        raw, noise_info = apply_noise(raw, config.noise_mode, config.noise_rate, config.seed, config.noise_file)
     if config.open_set_rate > 0:
         from cdmix.data.openset import apply_open_set
 
         raw, open_info = apply_open_set(raw, config.open_set_rate, config.open_set_source, config.seed)
         noise_info.update(open_info)
+    if config.normalization == "imagenet" and raw.train_images.shape[-1] == 3:
+        from cdmix.data.sources import IMAGENET_MEAN, IMAGENET_STD
+
+        raw = dataclasses.replace(raw, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     n = len(raw.train_labels)
     order = np.random.default_rng([config.seed, 7]).permutation(n)
     n_val = int(round(config.val_fraction * n))
@@ -217,6 +231,7 @@ class Trainer:
                 seconds = self.seconds_before + time.perf_counter() - t_run
                 if main:  # only rank 0 writes the run folder
                     log.log(row)
+                    log.log_division(epoch, self.method.last_division)
                     paths = [self.run_dir / runs.CHECKPOINT] + ([self.run_dir / runs.BEST] if improved else [])
                     runs.atomic_torch_save(self.checkpoint_state(epoch, seconds), *paths)
                     self.write_summary(epoch, seconds, log.rows)
@@ -237,15 +252,15 @@ class Trainer:
         selected = row.get("labeled_net1", row.get("frac_clean"))
         if selected is not None and self.last_selected and selected < 0.5 * self.last_selected:
             row["selection_drop"] = 1
-            say(f"warning: the selected (clean) set shrank from {self.last_selected:g} to {selected:g}")
+            logger.warning(f"the selected (clean) set shrank from {self.last_selected:g} to {selected:g}")
         if selected is not None:
             self.last_selected = selected
         drop = self.best_acc - select_acc
         row["collapse"] = int(drop >= self.config.collapse_drop)
         if row["collapse"]:
             self.collapse_count += 1
-            say(f"warning: accuracy dropped {drop:.1f} points below the best ({self.best_acc:.2f}% "
-                  f"at epoch {self.best_epoch}): the run may be collapsing")
+            logger.warning(f"accuracy dropped {drop:.1f} points below the best ({self.best_acc:.2f}% "
+                        f"at epoch {self.best_epoch}): the run may be collapsing")
             if self.config.on_collapse == "rollback":
                 self.rollback(row)
 
@@ -255,8 +270,8 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.method.on_rollback(self.collapse_count)
         row["rollback"] = 1
-        say(f"rolled back to epoch {state['epoch']}; lr and pseudo-label weight cut "
-              f"x{0.5 ** self.collapse_count:g}")
+        logger.warning(f"rolled back to epoch {state['epoch']}; lr and pseudo-label weight cut "
+                    f"x{0.5 ** self.collapse_count:g}")
 
     def write_summary(self, epoch: int, seconds: float, rows: list[dict[str, Any]]) -> None:
         tests = [float(r["test_acc"]) for r in rows]

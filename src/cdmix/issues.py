@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cdmix.errors import UserError
-from cdmix.runs import LABEL_ISSUES, atomic_write_text
+from cdmix.atomic import atomic_write
+from cdmix.runs import LABEL_ISSUES
 
 COLUMNS = ("rank", "index", "given_label", "predicted_label", "clean_prob", "issue_score", "true_label")
 
@@ -52,7 +53,7 @@ def write_label_issues(path: Path, index, given_label, predicted_label, clean_pr
         if true_label is not None:
             row.append(int(true_label[pos]))
         writer.writerow(row)
-    atomic_write_text(Path(path), out.getvalue())
+    atomic_write(Path(path), out.getvalue())
 
 
 def rank_label_issues(run_dir: str | Path, top: int | None = None) -> LabelIssues:

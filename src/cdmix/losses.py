@@ -16,7 +16,7 @@ Numerical policy
 Randomness
 ----------
 Nothing here draws random numbers implicitly: :func:`sample_mix_lambda` takes a
-``numpy.random.Generator`` and :func:`sample_mix_permutation` takes a ``torch.Generator``.
+``numpy.random.Generator``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ __all__ = [
     "co_guess",
     "mixup",
     "sample_mix_lambda",
-    "sample_mix_permutation",
     "soft_cross_entropy",
     "mse_consistency",
     "linear_rampup",
@@ -49,6 +48,8 @@ __all__ = [
     "josrc_targets",
     "josrc_loss",
     "josrc_warmup_loss",
+    "cap_confidence",
+    "soft_ood_score",
     "tau_clean_josrc",
     "tau_clean_report",
     "ema_update_",
@@ -216,21 +217,6 @@ def sample_mix_lambda(alpha: float, rng: np.random.Generator | int) -> float:
     return max(lam, 1.0 - lam)
 
 
-def sample_mix_permutation(
-    n: int, generator: torch.Generator, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """Random permutation of ``range(n)`` drawn with ``generator``.
-
-    The permutation is drawn on the generator's device (so a CPU generator works for a CUDA
-    batch) and then moved to ``device``.
-
-    Returns:
-        (n,) int64 tensor on ``device`` (the generator's device if None).
-    """
-    perm = torch.randperm(n, generator=generator, device=generator.device)
-    return perm if device is None else perm.to(device)
-
-
 def soft_cross_entropy(
     logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -328,7 +314,6 @@ def dividemix_loss(
     targets_mixed: torch.Tensor,
     n_labeled: int,
     lambda_u_eff: float,
-    use_penalty: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DivideMix training loss on one mixed batch.
 
@@ -343,7 +328,6 @@ def dividemix_loss(
         n_labeled: number of leading rows that form the labeled part (0 <= n_labeled <= N).
             A missing part contributes 0.
         lambda_u_eff: the ramped unlabeled weight (lambda_u * :func:`linear_rampup`).
-        use_penalty: include the uniform-prior penalty (official CIFAR: yes).
 
     Returns:
         (total, Lx, Lu, penalty), float32 scalars.
@@ -353,10 +337,7 @@ def dividemix_loss(
         raise ValueError(f"n_labeled must be in [0, {n}], got {n_labeled}")
     lx = soft_cross_entropy(logits_mixed[:n_labeled], targets_mixed[:n_labeled])
     lu = mse_consistency(logits_mixed[n_labeled:], targets_mixed[n_labeled:])
-    if use_penalty:
-        penalty = uniform_prior_penalty(logits_mixed)
-    else:
-        penalty = _zero_like_graph(logits_mixed).detach()
+    penalty = uniform_prior_penalty(logits_mixed)
     total = lx + float(lambda_u_eff) * lu + penalty
     return total, lx, lu, penalty
 
@@ -443,8 +424,49 @@ def symmetric_kl(p1: torch.Tensor, p2: torch.Tensor, base2: bool = True) -> torc
     return out / _LN2 if base2 else out
 
 
+def soft_ood_score(p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
+    """Soft version of "the two views disagree in argmax": ``1 - sum_c p1_c p2_c`` per row.
+
+    It is the probability that labels drawn from the two view predictions differ: near 0 when both
+    views agree confidently, ``1 - 1/C`` for two uniform predictions.
+
+    Args:
+        p1, p2: (B, C) probability rows.
+
+    Returns:
+        (B,) float32 in [0, 1].
+    """
+    return (1.0 - (_f32(p1) * _f32(p2)).sum(dim=-1)).clamp(0.0, 1.0)
+
+
+def cap_confidence(probs: torch.Tensor, cap: float) -> torch.Tensor:
+    """Rows whose largest probability exceeds ``cap`` are mixed with the uniform distribution so
+    that it equals ``cap`` exactly (order and argmax are kept); other rows are unchanged.
+
+    Args:
+        probs: (B, C) probability rows.
+        cap: the largest probability allowed; ``cap >= 1`` returns ``probs`` itself, and a cap
+            must exceed 1/C to leave the argmax meaningful (ValueError otherwise).
+
+    Returns:
+        (B, C), like ``probs``.
+    """
+    if cap >= 1.0:
+        return probs
+    uniform = 1.0 / probs.shape[-1]
+    if cap <= uniform:
+        raise ValueError(f"a confidence cap must exceed 1/C = {uniform:.4g}, got {cap}")
+    top = probs.amax(dim=-1, keepdim=True)
+    a = ((cap - uniform) / (top - uniform).clamp_min(1e-12)).clamp(max=1.0)
+    return a * probs + (1.0 - a) * uniform
+
+
 def josrc_split(
-    probs1: torch.Tensor, probs2: torch.Tensor, p_clean: torch.Tensor, threshold: float
+    probs1: torch.Tensor,
+    probs2: torch.Tensor,
+    p_clean: torch.Tensor,
+    threshold: float | torch.Tensor,
+    ood_score: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jo-SRC sample division of one batch into clean / ID-noisy / OOD.
 
@@ -455,13 +477,19 @@ def josrc_split(
         probs1, probs2: (B, C) student probabilities (or logits: only the argmax is used) on the
             two views.
         p_clean: (B,) clean likelihood (:func:`clean_likelihood`).
-        threshold: tau_clean for this epoch.
+        threshold: tau_clean for this epoch, a float or a (B,) tensor (per-class thresholds
+            looked up by each sample's label).
+        ood_score: optional (B,) soft disagreement (:func:`soft_ood_score`); when given, the views
+            disagree where it exceeds 0.5, instead of the argmax test.
 
     Returns:
         (clean_mask, id_mask, ood_mask), each (B,) bool, disjoint, covering the batch.
     """
     clean = p_clean >= threshold
-    disagree = probs1.argmax(dim=-1) != probs2.argmax(dim=-1)
+    if ood_score is None:
+        disagree = probs1.argmax(dim=-1) != probs2.argmax(dim=-1)
+    else:
+        disagree = ood_score > 0.5
     ood = disagree & ~clean
     id_noisy = ~disagree & ~clean
     return clean, id_noisy, ood
@@ -469,7 +497,7 @@ def josrc_split(
 
 def josrc_targets(
     clean_mask: torch.Tensor,
-    ood_mask: torch.Tensor,
+    ood: torch.Tensor,
     smoothed: torch.Tensor,
     teacher_probs: torch.Tensor,
     ood_temperature: float = 10.0,
@@ -481,12 +509,13 @@ def josrc_targets(
     * OOD (not clean, OOD): ``softmax(s / ood_temperature)``; the official code applies softmax
       to the *probability vector* divided by T = 10, which is almost uniform.
 
-    A sample flagged both clean and OOD counts as clean (the official OOD set is
-    ``disagree & unclean``).
+    A soft OOD weight ``o`` in [0, 1] instead of the mask gives ``(1 - o)·s + o·softmax(s / T)``
+    (a 0/1 weight is exactly the mask). A sample flagged both clean and OOD counts as clean (the
+    official OOD set is ``disagree & unclean``).
 
     Args:
         clean_mask: (B,) bool.
-        ood_mask: (B,) bool.
+        ood: (B,) bool OOD mask, or a float OOD weight in [0, 1].
         smoothed: (B, C) smoothed labels.
         teacher_probs: (B, C) mean teacher probability over the two views.
         ood_temperature: T for the OOD targets (official 10).
@@ -496,33 +525,34 @@ def josrc_targets(
     """
     smoothed = _f32(smoothed)
     s = _f32(teacher_probs).detach().to(smoothed.dtype)
-    clean = clean_mask.bool().unsqueeze(1)
-    ood = ood_mask.bool().unsqueeze(1) & ~clean
-    ood_target = torch.softmax(s / ood_temperature, dim=-1)
-    out = torch.where(clean, smoothed, s)
-    return torch.where(ood, ood_target, out)
+    w = ood.to(s.dtype).unsqueeze(1)
+    noisy = (1 - w) * s + w * torch.softmax(s / ood_temperature, dim=-1)
+    return torch.where(clean_mask.bool().unsqueeze(1), smoothed, noisy)
 
 
 def josrc_loss(
     logits1: torch.Tensor,
     logits2: torch.Tensor,
     targets: torch.Tensor,
-    ood_mask: torch.Tensor,
+    ood: torch.Tensor,
     alpha: float = 0.5,
     base2: bool = True,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Jo-SRC loss after warm-up.
 
-    ``Lc = mean_b [CE(logits1_b, t_b) + CE(logits2_b, t_b)]`` over the whole batch,
-    ``Lo = mean_b sign_b * symKL(p1_b, p2_b)`` with sign -1 for OOD samples and +1 otherwise,
-    ``total = (1 - alpha) * Lc + alpha * Lo``.
+    ``Lc = mean_b w_b [CE(logits1_b, t_b) + CE(logits2_b, t_b)]`` over the whole batch
+    (``w = 1`` officially), ``Lo = mean_b (1 - 2 o_b) * symKL(p1_b, p2_b)``: sign -1 for OOD
+    samples (``o = 1``) and +1 otherwise, ``total = (1 - alpha) * Lc + alpha * Lo``.
 
     Args:
         logits1, logits2: (B, C) student logits on the two views.
         targets: (B, C) from :func:`josrc_targets`.
-        ood_mask: (B,) bool, the OOD samples (official: unclean and views disagree).
+        ood: (B,) bool, the OOD samples (official: unclean and views disagree), or a soft OOD
+            weight in [0, 1].
         alpha: weight of the consistency term (official 0.5).
         base2: logs in base 2 inside the symmetric KL (official: yes).
+        sample_weight: optional (B,) weights of the CE terms.
 
     Returns:
         (total, Lc, Lo) float32 scalars; all 0 for an empty batch.
@@ -530,9 +560,9 @@ def josrc_loss(
     ce = soft_cross_entropy(logits1, targets, reduction="none") + soft_cross_entropy(
         logits2, targets, reduction="none"
     )
-    loss_c = _safe_mean(ce)
+    loss_c = _safe_mean(ce if sample_weight is None else sample_weight * ce)
     sym = symmetric_kl(_probs(logits1), _probs(logits2), base2=base2)
-    sign = 1.0 - 2.0 * ood_mask.to(device=sym.device, dtype=sym.dtype)
+    sign = 1.0 - 2.0 * ood.to(device=sym.device, dtype=sym.dtype)
     loss_o = _safe_mean(sign * sym)
     total = (1.0 - alpha) * loss_c + alpha * loss_o
     return total, loss_c, loss_o
@@ -614,8 +644,8 @@ def ema_update_(
     """In-place mean-teacher update ``p_t = decay * p_t + (1 - decay) * p_s``.
 
     Pass ``teacher.parameters()`` and ``student.parameters()`` (parameters only, not buffers:
-    the official Jo-SRC EMA does not average BN statistics). Runs under ``no_grad`` and uses
-    ``torch._foreach_mul_`` / ``torch._foreach_add_`` when available.
+    the official Jo-SRC EMA does not average BN statistics). Runs under ``no_grad`` with
+    ``torch._foreach_mul_`` / ``torch._foreach_add_``.
 
     Args:
         teacher_params: iterable of teacher tensors, updated in place.
@@ -631,10 +661,5 @@ def ema_update_(
         return
     t_list = [t for t, _ in pairs]
     s_list = [s.detach().to(dtype=t.dtype, device=t.device) for t, s in pairs]
-    w = 1.0 - float(decay)
-    if hasattr(torch, "_foreach_mul_") and hasattr(torch, "_foreach_add_"):
-        torch._foreach_mul_(t_list, float(decay))
-        torch._foreach_add_(t_list, s_list, alpha=w)
-    else:  # pragma: no cover - very old torch
-        for t, s in zip(t_list, s_list):
-            t.mul_(decay).add_(s, alpha=w)
+    torch._foreach_mul_(t_list, float(decay))
+    torch._foreach_add_(t_list, s_list, alpha=1.0 - float(decay))

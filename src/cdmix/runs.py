@@ -9,14 +9,15 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
+import re
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from cdmix.atomic import atomic_write
 from cdmix.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
@@ -46,31 +47,12 @@ report-*.png       the report's plots as images (also embedded in report.html)
 """
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def atomic_torch_save(obj: Any, *paths: Path) -> None:
     """Serialise ``obj`` once and write it atomically to every path (checkpoint.pt and best.pt)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     for path in paths:
-        atomic_write_bytes(path, buffer.getvalue())
+        atomic_write(path, buffer.getvalue())
 
 
 def default_run_dir(dataset: str, method: str) -> Path:
@@ -96,7 +78,7 @@ def prepare_run_dir(path: Path, overwrite: bool) -> None:
             if child.is_file() or child.is_symlink():
                 child.unlink()
     path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path / README, README_TEXT)
+    atomic_write(path / README, README_TEXT)
 
 
 def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
@@ -146,13 +128,32 @@ class MetricsLog:
         writer = csv.DictWriter(out, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(self.rows)
-        atomic_write_text(self.path, out.getvalue())
+        atomic_write(self.path, out.getvalue())
         if self.writer is not None:
             epoch = int(row["epoch"])
             for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):
                     self.writer.add_scalar(key.replace("_", "/", 1), value, epoch)
             self.writer.flush()
+
+    def log_division(self, epoch: int, division: dict[str, Any] | None) -> None:
+        """TensorBoard histograms of the division's per-sample losses and clean probabilities
+        (``loss_net*``, ``clean_prob*``) and its GMM means as scalars, so the live view shows the split.
+
+        ``division``: the method's ``last_division`` (arrays by name); nothing is written for None.
+        """
+        if self.writer is None or division is None:
+            return
+        for key, value in division.items():
+            values = np.asarray(value, dtype=np.float64).reshape(-1)
+            if re.fullmatch(r"(loss|clean_prob)(_net\d+)?", key):
+                values = values[np.isfinite(values)]
+                if len(values):
+                    self.writer.add_histogram(f"division/{key}", values, epoch)
+            elif key.startswith("gmm_means"):
+                for k, mean in enumerate(values):
+                    self.writer.add_scalar(f"division/{key}_{k}", mean, epoch)
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
@@ -178,7 +179,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(Path(run_dir) / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    atomic_write(Path(run_dir) / SUMMARY, json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Clean-sample selection: loss normalisation, the DivideMix GMM, division and its metrics.
+"""Clean-sample selection: loss normalisation, the DivideMix GMM, selection thresholds and metrics.
 
 Pure functions on numpy arrays (torch tensors are accepted and converted). ``N`` is the number of
 training samples. All outputs are float64 / int64 / bool numpy arrays and never contain NaN,
@@ -20,8 +20,8 @@ __all__ = [
     "gmm_posterior_from_params",
     "running_mean_update",
     "loss_history_average",
-    "division",
     "selection_metrics",
+    "ood_metrics",
     "per_class_threshold_mask",
     "blend_clean_prob",
 ]
@@ -250,21 +250,6 @@ def loss_history_average(history: Sequence[Any] | np.ndarray, window: int) -> np
     return rows.mean(axis=0)
 
 
-def division(clean_prob: Any, p_threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    """Split sample indices by clean probability (official: labeled iff ``w > p_threshold``).
-
-    Args:
-        clean_prob: (N,) clean probabilities.
-        p_threshold: threshold (DivideMix default 0.5).
-
-    Returns:
-        (labeled_idx, unlabeled_idx), int64 arrays, ascending, disjoint, covering range(N).
-    """
-    w = _to_numpy(clean_prob).reshape(-1)
-    pred = w > p_threshold
-    return np.flatnonzero(pred).astype(np.int64), np.flatnonzero(~pred).astype(np.int64)
-
-
 def selection_metrics(selected_mask: Any, clean_prob: Any, is_clean_true: Any) -> dict[str, float]:
     """Quality of a clean selection against the true clean/noisy split.
 
@@ -302,6 +287,16 @@ def selection_metrics(selected_mask: Any, clean_prob: Any, is_clean_true: Any) -
         "auc": auc,
         "n_selected": float(n_sel),
     }
+
+
+def ood_metrics(flagged: Any, is_ood: Any) -> dict[str, float]:
+    """Precision / recall of an OOD flag (N,) bool against the known open-set mask (N,) bool:
+    ``{"ood_precision", "ood_recall"}``, each 0.0 where undefined."""
+    flagged = _to_numpy(flagged, dtype=bool).reshape(-1)
+    is_ood = _to_numpy(is_ood, dtype=bool).reshape(-1)
+    tp = int((flagged & is_ood).sum())
+    return {"ood_precision": tp / int(flagged.sum()) if flagged.any() else 0.0,
+            "ood_recall": tp / int(is_ood.sum()) if is_ood.any() else 0.0}
 
 
 def per_class_thresholds(clean_score: Any, labels: Any, num_classes: int, base_threshold: float,

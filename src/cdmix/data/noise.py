@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from cdmix.atomic import atomic_write
+from cdmix.config import NOISE_MODES
 from cdmix.data.types import RawData
 from cdmix.errors import UserError
 
-NOISE_MODES = ("sym", "sym-exclusive", "asym", "pairflip")
 
 # CIFAR-10 asymmetric map: truck->automobile, bird->airplane, deer->horse, cat<->dog.
 CIFAR10_ASYM = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
@@ -153,14 +152,7 @@ def write_noise_file(path: str | Path, labels: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps([int(v) for v in np.asarray(labels).reshape(-1)])
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text)
 
 
 def apply_noise(

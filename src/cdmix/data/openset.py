@@ -15,6 +15,10 @@ labels they had (the "CIFAR-80N" style setting Jo-SRC evaluates). Sources:
 
 The replaced samples are marked in ``RawData.train_is_ood``; where true labels are known their true
 label becomes -1 (no class is right), so the clean-selection metrics count them as noisy.
+
+``held_out_classes(raw, open_classes, closed_rate, mode, seed)`` is the official Jo-SRC construction
+("CIFAR-80N", ``--open-set-classes 20``): real images of the last classes become the open set, see
+its docstring.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ def apply_open_set(raw: RawData, rate: float, source: str, seed: int) -> tuple[R
     rate = float(rate)
     if not 0.0 <= rate < 1.0:
         raise UserError(f"open-set rate must be in [0, 1), got {rate}")
+    if source.startswith("cifar100") and raw.name in ("cifar100", "cifar100n"):
+        raise UserError(f"--open-set-source {source} would put images of the classes being trained on into the "
+                        f"open set of {raw.name}; for Jo-SRC's CIFAR-80N use --open-set-classes 20 instead")
     n = len(raw.train_labels)
     k = int(round(rate * n))
     info = {"open_set_rate": rate, "open_set_source": source, "open_set_count": k}
@@ -59,6 +66,67 @@ def apply_open_set(raw: RawData, rate: float, source: str, seed: int) -> tuple[R
         true = np.asarray(true, dtype=np.int64).copy()
         true[chosen] = -1
     return dataclasses.replace(raw, train_images=images, train_true_labels=true, train_is_ood=mask), info
+
+
+def open_set_transition_matrix(num_classes: int, open_classes: int, closed_rate: float,
+                               mode: str = "sym") -> np.ndarray:
+    """The official Jo-SRC noise transition matrix (data/noisy_cifar.py ``generate_noise_matrix``).
+
+    ``K = num_classes - open_classes`` closed classes. Rows 0..K-1: ``sym``: 1 - r on the diagonal,
+    r / (K - 1) elsewhere among the closed classes; ``pairflip``: 1 - r on the diagonal, r on the
+    next closed class (circular). Rows K..C-1 (the open set): 1 / K over the closed classes.
+    Columns K..C-1 are 0: no sample is ever labelled with an open class.
+    """
+    k = num_classes - open_classes
+    if mode == "sym":
+        matrix = np.full((num_classes, num_classes), closed_rate / (k - 1))
+        np.fill_diagonal(matrix[:k, :k], 1.0 - closed_rate)
+    elif mode == "pairflip":
+        matrix = np.zeros((num_classes, num_classes))
+        closed = np.arange(k)
+        matrix[closed, closed] = 1.0 - closed_rate
+        matrix[closed, (closed + 1) % k] += closed_rate
+    else:
+        raise UserError(f"--open-set-classes takes noise mode sym or pairflip (the official ones), got {mode!r}")
+    matrix[k:, :] = 1.0 / k
+    matrix[:, k:] = 0.0
+    return matrix
+
+
+def held_out_classes(raw: RawData, open_classes: int, closed_rate: float, mode: str,
+                     seed: int) -> tuple[RawData, dict[str, Any]]:
+    """Jo-SRC's open-set benchmark from a clean source (CIFAR-100 -> "CIFAR-80N" with 20).
+
+    The last ``open_classes`` classes are the open set: their training images stay, each relabelled
+    by a draw from the transition matrix (uniform over the K = C - open_classes closed classes); the
+    closed classes' labels get ``closed_rate`` noise of ``mode`` among themselves. Labels are drawn
+    per sample in training order with ``numpy.random.RandomState(seed).multinomial``, as the official
+    ``multiclass_noisify`` does, so the same seed gives the official code's labels. The model sees K
+    classes; the test set keeps only the closed classes' images. True labels: the original class,
+    -1 for the open-set images (``train_is_ood`` marks them).
+    """
+    num_classes = raw.num_classes
+    k = num_classes - open_classes
+    if not 2 <= k < num_classes:
+        raise UserError(f"--open-set-classes must be between 1 and {num_classes - 2} for {num_classes} classes, "
+                        f"got {open_classes}")
+    if raw.train_true_labels is not None:
+        raise UserError("--open-set-classes builds the noise itself; use it with a clean dataset such as cifar100")
+    matrix = open_set_transition_matrix(num_classes, open_classes, closed_rate, mode)
+    original = np.asarray(raw.train_labels, dtype=np.int64)
+    flipper = np.random.RandomState(seed)
+    noisy = np.array([np.flatnonzero(flipper.multinomial(1, matrix[label]))[0] for label in original],
+                     dtype=np.int64)
+    is_ood = original >= k
+    test_keep = np.asarray(raw.test_labels) < k
+    new = dataclasses.replace(raw, train_labels=noisy, train_true_labels=np.where(is_ood, -1, original),
+                              train_is_ood=is_ood, test_images=raw.test_images[test_keep],
+                              test_labels=np.asarray(raw.test_labels)[test_keep],
+                              class_names=list(raw.class_names[:k]))
+    info = {"noise_rate_nominal": closed_rate, "noise_rate_actual": float((noisy != original).mean()),
+            "noise_source": "synthetic", "noise_mode": f"{mode}+open-set-classes",
+            "open_set_classes": open_classes, "open_set_count": int(is_ood.sum())}
+    return new, info
 
 
 def ood_images(source: str, count: int, height: int, width: int, channels: int,
@@ -101,6 +169,8 @@ def _read_pool(name: str, path: Path) -> np.ndarray:
             if key is None:
                 raise UserError(f"{path} has no 'train_images' (or 'images') array for open-set images")
             pool = npz[key]
+    except UserError:
+        raise
     except (OSError, ValueError) as exc:
         raise UserError(f"{path} is not a readable .npz file ({exc})") from None
     if pool.ndim == 3:

@@ -23,14 +23,15 @@ import math
 import os
 import pickle
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from cdmix.atomic import atomic_write
+from cdmix.config import DATASETS
 from cdmix.data.types import RawData, channel_stats
 from cdmix.errors import UserError
 
@@ -43,6 +44,8 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN = (0.507, 0.487, 0.441)
 CIFAR100_STD = (0.267, 0.256, 0.276)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CIFAR10_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
@@ -85,7 +88,6 @@ CIFARN_LABEL_SETS = {
     "cifar100n": {"noisy": "noisy_label"},
 }
 
-SOURCES = ("digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "folder", "csv", "npz")
 
 
 def load_source(
@@ -120,7 +122,7 @@ def load_source(
     elif dataset == "npz":
         raw = _load_npz(data_path)
     else:
-        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     raw.name = dataset
     return raw
 
@@ -487,22 +489,11 @@ def decode_images_cached(
                 "files_hash": npy_path.stem.rsplit("_", 1)[1], **(info or {})}
         try:
             npy_path.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_write(npy_path, lambda fh: np.save(fh, images, allow_pickle=False))
-            _atomic_write(json_path, lambda fh: fh.write(json.dumps(meta).encode()))
+            atomic_write(npy_path, lambda fh: np.save(fh, images, allow_pickle=False))
+            atomic_write(json_path, json.dumps(meta))
         except OSError:
             pass  # read-only data folder: run without a cache
     return images, False
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _image_size(image_size: int | None) -> int:

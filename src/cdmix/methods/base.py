@@ -1,8 +1,10 @@
-"""What every method shares: its nets and optimizers, evaluation, per-sample losses, state."""
+"""What every method shares: its nets and optimizers, the batch iterator, the supervised epoch,
+the sharded evaluation pass, state."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,11 +13,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cdmix import distributed
+from cdmix import losses as L
 from cdmix.config import Config
 from cdmix.data.batches import DeviceImages
 from cdmix.models import create_model
 from cdmix.selection import fit_gmm_clean_prob, minmax_normalise, selection_metrics
 
+log = logging.getLogger("cdmix")
 
 @dataclass
 class TrainSet:
@@ -61,8 +65,22 @@ def autocast(config: Config):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
-def progress_bar(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, leave=False, disable=not enabled, dynamic_ncols=True)
+def shuffled_batches(indices: torch.Tensor, global_batch: int, ctx: EpochContext, desc: str):
+    """One pass over ``indices`` (a 1-D tensor of sample indices) in a random order drawn from
+    ``ctx.generator`` (the same on every rank), in global batches of ``global_batch``; yields this
+    rank's slice of each. All ranks stop before a last batch too small to give every rank a
+    sample. Shows a progress bar when ``ctx.progress``."""
+    info = distributed.current()
+    n = len(indices)
+    perm = indices[torch.randperm(n, device=indices.device, generator=ctx.generator)]
+    with tqdm(total=(n + global_batch - 1) // global_batch, desc=desc, leave=False, disable=not ctx.progress,
+              dynamic_ncols=True) as bar:
+        for start in range(0, n, global_batch):
+            chunk = perm[start:start + global_batch]
+            if len(chunk) < info.world_size:
+                break
+            yield distributed.local_slice(chunk, info)
+            bar.update(1)
 
 
 def build_net(config: Config, num_classes: int, in_channels: int) -> torch.nn.Module:
@@ -97,7 +115,7 @@ def maybe_compile(config: Config, net: torch.nn.Module, example: torch.Tensor) -
     except Exception as exc:  # compile support varies by platform and install
         text = str(exc).strip()
         first = text.splitlines()[0][:200] if text else ""
-        print(f"warning: --compile could not be used ({type(exc).__name__}: {first}); running eagerly")
+        log.warning(f"--compile could not be used ({type(exc).__name__}: {first}); running eagerly")
         return net
     finally:
         net.train(was_training)
@@ -112,6 +130,7 @@ class Method:
 
     name = "base"
     num_nets = 1
+    swa = None  # a method with stochastic weight averaging sets an ``averaging.SWA``
 
     def __init__(self, config: Config, train: TrainSet):
         self.config = config
@@ -144,10 +163,48 @@ class Method:
         """After the engine restored the best checkpoint: halve lr and pseudo-label weight per collapse."""
         self.damping = 0.5 ** collapse_count
 
+    def supervised_epoch(self, i: int, ctx: EpochContext, batch_size: int, desc: str,
+                         indices: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                         penalty: float = 0.0, after_step=None) -> float:
+        """One epoch of cross-entropy of net ``i`` on the noisy labels of ``indices`` (default: all
+        samples): the baseline, and DivideMix's and the hybrid's warm-up.
+
+        ``batch_size`` is per rank. Loss: CE (with ``label_smoothing``), + the official confidence
+        penalty (mean Σ p log p) when ``config.neg_entropy`` (asymmetric noise), + ``penalty`` times
+        the same term. ``after_step()`` runs after every optimizer step. Returns the mean training
+        loss of this rank's batches.
+        """
+        config, train = self.config, self.train
+        net, optimizer = self.train_nets[i], self.optimizers[i]
+        net.train()
+        device = train.labels.device
+        if indices is None:
+            indices = torch.arange(len(train), device=device)
+        total = torch.zeros((), device=device)
+        steps = 0
+        for idx in shuffled_batches(indices, batch_size * self.dist.world_size, ctx, desc):
+            x = train.images.batch(idx, augment=True, generator=ctx.aug_generator)
+            with autocast(config):
+                logits = net(x)
+            logits = logits.float()
+            loss = F.cross_entropy(logits, train.labels[idx], label_smoothing=label_smoothing)
+            if config.neg_entropy:
+                loss = loss + L.neg_entropy_penalty(logits)
+            if penalty > 0:
+                loss = loss + penalty * L.neg_entropy_penalty(logits)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            total += loss.detach()
+            steps += 1
+        return float(total) / max(steps, 1)
+
     # ----- evaluation
     def eval_nets(self) -> list[torch.nn.Module]:
-        """The nets used for prediction (a method with teachers or SWA may return others)."""
-        return self.nets
+        """The nets used for prediction: the SWA averages once there are any, else the nets."""
+        return self.swa.nets if self.swa is not None and self.swa.count > 0 else self.nets
 
     @torch.inference_mode()
     def predict_logits(self, images: DeviceImages, batch_size: int,
@@ -176,20 +233,8 @@ class Method:
     @torch.inference_mode()
     def per_sample_losses(self, net: torch.nn.Module) -> torch.Tensor:
         """CE loss of every training sample against its noisy label, eval mode, no augmentation: (N,)."""
-        was_training = net.training
-        net.eval()
-        losses = []
-        images, labels = self.train.images, self.train.labels
-        n, bs = len(images), self.config.eval_batch_size
-        first, stop = distributed.shard_range(n, self.dist)
-        with autocast(self.config):
-            for start in range(first, stop, bs):
-                idx = torch.arange(start, min(start + bs, stop), device=images.device)
-                logits = net(images.batch(idx, augment=False)).float()
-                losses.append(F.cross_entropy(logits, labels[idx], reduction="none"))
-        net.train(was_training)
-        local = torch.cat(losses) if losses else torch.zeros(0, device=images.device)
-        return distributed.gather_rows(local, n, self.dist)
+        logits = self.predict_logits(self.train.images, self.config.eval_batch_size, nets=[net])[0]
+        return F.cross_entropy(logits, self.train.labels, reduction="none")
 
     def clean_prob(self) -> np.ndarray:
         """Probability that each training sample's label is clean, from the last division.
@@ -239,46 +284,7 @@ class Method:
             net.load_state_dict(sd)
         for opt, sd in zip(self.optimizers, state["optimizers"]):
             opt.load_state_dict(sd)
-        self.last_division = state.get("last_division")
-        self.damping = state.get("damping", 1.0)
-        self.load_extra_state(state.get("extra", {}))
+        self.last_division = state["last_division"]
+        self.damping = state["damping"]
+        self.load_extra_state(state["extra"])
 
-
-def supervised_epoch(config: Config, net: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     train: TrainSet, batch_size: int, neg_entropy: bool, ctx: EpochContext,
-                     desc: str) -> float:
-    """One epoch of cross-entropy on the noisy labels (the baseline, and DivideMix's warm-up).
-
-    ``net`` is the training module (``Method.train_nets[i]``); ``batch_size`` is per rank.
-    Returns the mean training loss (of this rank's batches). ``neg_entropy`` adds the official confidence penalty
-    (+mean Σ p log p) used for asymmetric noise.
-    """
-    from cdmix.losses import neg_entropy_penalty
-
-    net.train()
-    info = distributed.current()
-    global_batch = batch_size * info.world_size
-    n = len(train)
-    total = torch.zeros((), device=train.labels.device)
-    steps = 0
-    perm = torch.randperm(n, device=train.labels.device, generator=ctx.generator)
-    with progress_bar((n + global_batch - 1) // global_batch, desc, ctx.progress) as bar:
-        for start in range(0, n, global_batch):
-            chunk = perm[start:start + global_batch]
-            if len(chunk) < info.world_size:  # too small to give every rank a sample: all ranks stop
-                break
-            idx = distributed.local_slice(chunk, info)
-            x = train.images.batch(idx, augment=True, generator=ctx.aug_generator)
-            with autocast(config):
-                logits = net(x)
-            logits = logits.float()
-            loss = F.cross_entropy(logits, train.labels[idx])
-            if neg_entropy:
-                loss = loss + neg_entropy_penalty(logits)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            steps += 1
-            bar.update(1)
-    return float(total) / max(steps, 1)

@@ -7,6 +7,7 @@ co-refinement, co-guessing, MixUp over the 4B batch, Lx + λu_eff·Lu + prior pe
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -15,13 +16,17 @@ import torch.nn.functional as F
 
 from cdmix import distributed
 from cdmix import losses as L
-from cdmix.methods.base import EpochContext, Method, autocast, progress_bar, supervised_epoch
+from cdmix.methods.base import EpochContext, Method, autocast, shuffled_batches
 from cdmix.selection import fit_gmm_clean_prob, loss_history_average, minmax_normalise
+
+log = logging.getLogger("cdmix")
 
 
 class DivideMix(Method):
     name = "dividemix"
     num_nets = 2
+    # The per-step losses ``loss_parts`` returns, averaged over the epoch into ``<name>_net<k>``.
+    part_names = ("loss", "lx", "lu", "penalty")
 
     def __init__(self, config, train):
         super().__init__(config, train)
@@ -33,7 +38,7 @@ class DivideMix(Method):
         return {"loss_history": self.loss_history}
 
     def load_extra_state(self, state: dict) -> None:
-        self.loss_history = state.get("loss_history", [[] for _ in self.nets])
+        self.loss_history = state["loss_history"]
 
     # ----- one epoch
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
@@ -60,13 +65,15 @@ class DivideMix(Method):
     def warmup_epoch(self, ctx: EpochContext) -> dict[str, float]:
         row = {}
         t0 = time.perf_counter()
-        for i, (net, opt) in enumerate(zip(self.train_nets, self.optimizers), start=1):
-            row[f"loss_net{i}"] = supervised_epoch(self.config, net, opt, self.train, 2 * self.config.batch_size,
-                                                   bool(self.config.neg_entropy), ctx,
-                                                   desc=f"epoch {ctx.epoch} warm-up net{i}")
+        for i in range(self.num_nets):
+            row[f"loss_net{i + 1}"] = self.ce_epoch(i, ctx, f"epoch {ctx.epoch} warm-up net{i + 1}")
         row["train_loss"] = (row["loss_net1"] + row["loss_net2"]) / 2
         row["seconds_train"] = time.perf_counter() - t0
         return row
+
+    def ce_epoch(self, i: int, ctx: EpochContext, desc: str, indices: torch.Tensor | None = None) -> float:
+        """Warm-up cross-entropy of net ``i`` on ``indices`` (default all), batch 2B (official)."""
+        return self.supervised_epoch(i, ctx, 2 * self.config.batch_size, desc, indices)
 
     # ----- co-divide
     def divide(self, ctx: EpochContext, row: dict[str, float]) -> list[np.ndarray]:
@@ -107,18 +114,21 @@ class DivideMix(Method):
         gathered = distributed.gather_rows(checksum.view(1, -1), self.dist.world_size, self.dist)
         agree = bool((gathered == gathered[0]).all())
         if not agree:
-            print(f"warning: rank {self.dist.rank} holds a different division from rank 0")
+            log.warning(f"rank {self.dist.rank} holds a different division from rank 0")
         return agree
 
     # ----- training one net on its partner's division
+    def labeled_mask(self, clean_prob: np.ndarray) -> np.ndarray:
+        """(N,) bool: the samples used as labeled (official: clean probability > p_threshold)."""
+        return clean_prob > self.config.p_threshold
+
     def labeled_split(self, clean_prob: np.ndarray, tag: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(labeled_idx, unlabeled_idx) on the device; never leaves the labeled set nearly empty."""
-        config = self.config
-        labeled = np.flatnonzero(clean_prob > config.p_threshold)
+        labeled = np.flatnonzero(self.labeled_mask(clean_prob))
         if len(labeled) < 2:
-            k = min(len(clean_prob), max(2, config.batch_size))
-            print(f"warning: the division for {tag} selected {len(labeled)} labeled sample(s); "
-                  f"using the {k} most likely clean instead")
+            k = min(len(clean_prob), max(2, self.config.batch_size))
+            log.warning(f"the division for {tag} selected {len(labeled)} labeled sample(s); "
+                        f"using the {k} most likely clean instead")
             labeled = np.sort(np.argsort(-clean_prob, kind="stable")[:k])
         mask = np.zeros(len(clean_prob), dtype=bool)
         mask[labeled] = True
@@ -126,26 +136,40 @@ class DivideMix(Method):
         return (torch.as_tensor(labeled, device=device),
                 torch.as_tensor(np.flatnonzero(~mask), device=device))
 
+    # Hooks the hybrid overrides: where the λu ramp starts, a factor on λu, work after each step.
+    def ramp_start(self, epoch: int) -> int:
+        return self.config.warmup
+
+    def lambda_u_scale(self, epoch: int) -> float:
+        return 1.0
+
+    def after_step(self, a: int, ctx: EpochContext) -> None:
+        pass
+
     def train_net(self, a: int, b: int, clean_prob: np.ndarray, ctx: EpochContext) -> dict[str, float]:
         config = self.config
-        net, partner, optimizer = self.train_nets[a], self.nets[b], self.optimizers[a]
-        net.train()
-        partner.eval()
+        optimizer = self.optimizers[a]
+        self.train_nets[a].train()
+        self.nets[b].eval()
         device = self.train.labels.device
         labeled_idx, unlabeled_idx = self.labeled_split(clean_prob, f"net{a + 1}")
         weights = torch.as_tensor(clean_prob, dtype=torch.float32, device=device)
-        sums = torch.zeros(4, device=device)
+        start = self.ramp_start(ctx.epoch)
+        scale = self.lambda_u_scale(ctx.epoch) * self.damping
+        sums = torch.zeros(len(self.part_names), device=device)
         lambda_u_eff = 0.0
         steps = 0
         for epoch_frac, idx_x, idx_u in self.mixmatch_batches(labeled_idx, unlabeled_idx, ctx, f"net{a + 1}"):
-            ramp = L.linear_rampup(epoch_frac, config.warmup, config.rampup_epochs)
-            lambda_u_eff = config.lambda_u * ramp * self.damping
-            total, lx, lu, penalty = self.step(net, partner, optimizer, idx_x, idx_u, weights, lambda_u_eff, ctx)
-            sums += torch.stack([total.detach(), lx.detach(), lu.detach(), penalty.detach()])
+            lambda_u_eff = config.lambda_u * L.linear_rampup(epoch_frac, start, config.rampup_epochs) * scale
+            parts = self.loss_parts(a, b, idx_x, idx_u, weights, lambda_u_eff, ctx)
+            optimizer.zero_grad(set_to_none=True)
+            parts[0].backward()
+            optimizer.step()
+            self.after_step(a, ctx)
+            sums += torch.stack([p.detach() for p in parts])
             steps += 1
-        means = (sums / max(steps, 1)).tolist()
-        return {"loss": means[0], "lx": means[1], "lu": means[2], "penalty": means[3],
-                "lambda_u_eff": lambda_u_eff, "labeled_used": len(labeled_idx)}
+        stats = dict(zip(self.part_names, (sums / max(steps, 1)).tolist()))
+        return {**stats, "lambda_u_eff": lambda_u_eff, "labeled_used": len(labeled_idx)}
 
     def mixmatch_batches(self, labeled_idx: torch.Tensor, unlabeled_idx: torch.Tensor, ctx: EpochContext,
                          tag: str):
@@ -153,20 +177,11 @@ class DivideMix(Method):
         (the unlabeled set restarts when exhausted). Yields (fractional epoch of the official λu
         ramp, this rank's labeled indices, this rank's unlabeled indices)."""
         bs = self.config.batch_size * self.dist.world_size  # the global batch; each rank takes its slice
-        n_labeled = len(labeled_idx)
-        num_iter = n_labeled // bs + 1  # official: fractional epoch of the λu ramp
-        num_batches = (n_labeled + bs - 1) // bs
-        device = labeled_idx.device
-        labeled_perm = labeled_idx[torch.randperm(n_labeled, device=device, generator=ctx.generator)]
+        num_iter = len(labeled_idx) // bs + 1  # official: fractional epoch of the λu ramp
         unlabeled_batches = self.cycle(unlabeled_idx, bs, ctx.generator)
-        with progress_bar(num_batches, f"epoch {ctx.epoch} train {tag}", ctx.progress) as bar:
-            for batch_idx in range(num_batches):
-                chunk = labeled_perm[batch_idx * bs:(batch_idx + 1) * bs]
-                if len(chunk) < self.dist.world_size:  # too small to give every rank a sample
-                    break
-                yield (ctx.epoch + batch_idx / num_iter, distributed.local_slice(chunk, self.dist),
-                       distributed.local_slice(next(unlabeled_batches), self.dist))
-                bar.update(1)
+        for batch_idx, idx_x in enumerate(shuffled_batches(labeled_idx, bs, ctx, f"epoch {ctx.epoch} train {tag}")):
+            yield (ctx.epoch + batch_idx / num_iter, idx_x,
+                   distributed.local_slice(next(unlabeled_batches), self.dist))
 
     @staticmethod
     def cycle(indices: torch.Tensor, batch_size: int, generator: torch.Generator):
@@ -229,16 +244,13 @@ class DivideMix(Method):
         perm = torch.randperm(len(all_inputs), device=all_inputs.device, generator=ctx.aug_generator)
         return L.mixup(all_inputs, all_targets, lam, perm)
 
-    def step(self, net, partner, optimizer, idx_x, idx_u, weights, lambda_u_eff, ctx):
-        config = self.config
+    def loss_parts(self, a, b, idx_x, idx_u, weights, lambda_u_eff, ctx):
+        """Loss of one batch for net ``a`` with partner ``b``: (total, Lx, Lu, penalty), float32 scalars."""
+        net, partner = self.train_nets[a], self.nets[b]
         views, targets_x, targets_u = self.views_and_targets(
             net, idx_x, idx_u, weights, lambda u1, u2: self.guess_unlabeled(net, partner, u1, u2),
-            config.temperature, ctx.aug_generator)
+            self.config.temperature, ctx.aug_generator)
         mixed_inputs, mixed_targets = self.mix(views, targets_x, targets_u, ctx)
-        with autocast(config):
+        with autocast(self.config):
             logits = net(mixed_inputs)
-        total, lx, lu, penalty = L.dividemix_loss(logits.float(), mixed_targets, 2 * len(idx_x), lambda_u_eff)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        return total, lx, lu, penalty
+        return L.dividemix_loss(logits.float(), mixed_targets, 2 * len(idx_x), lambda_u_eff)

@@ -50,12 +50,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cdmix import distributed
 from cdmix import losses as L
 from cdmix.data.strong_aug import strong_augment
-from cdmix.methods.base import EpochContext, autocast, progress_bar
+from cdmix.methods.averaging import SWA, ema_decay, make_teacher, teacher_logits
+from cdmix.methods.base import EpochContext, autocast
 from cdmix.methods.dividemix import DivideMix
-from cdmix.methods.josrc import SWA, cap_confidence, make_teacher, soft_ood_score, teacher_logits
 from cdmix.selection import (blend_clean_prob, fit_gmm_clean_prob, gmm_posterior_from_params, minmax_normalise,
                              per_class_threshold_mask, running_mean_update)
 
@@ -74,6 +73,7 @@ def late_fraction(epoch: int, warmup: int, epochs: int) -> float:
 class Hybrid(DivideMix):
     name = "hybrid"
     num_nets = 2
+    part_names = ("loss", "lx", "lu", "penalty", "lcons")
 
     def __init__(self, config, train):
         super().__init__(config, train)
@@ -93,12 +93,6 @@ class Hybrid(DivideMix):
         start = self.second_warmup_start()
         return k > 0 and start <= epoch < start + k
 
-    def ramp_start(self, epoch: int) -> int:
-        """Epoch the λu ramp counts from: the warm-up end, or the end of the second warm-up."""
-        k = self.config.stab_second_warmup
-        end2 = self.second_warmup_start() + k
-        return end2 if k > 0 and epoch >= end2 else self.config.warmup
-
     def temperature(self, epoch: int) -> float:
         c = self.config
         if not c.stab_temperature_decay:
@@ -111,23 +105,11 @@ class Hybrid(DivideMix):
             return 1.0
         return 1.0 - 0.5 * late_fraction(epoch, c.warmup, c.epochs)
 
-    def ema_decay(self, epoch: int) -> float:
-        c = self.config
-        if c.stab_slow_ema > 0 and epoch >= c.warmup:
-            return c.stab_slow_ema
-        return c.ema_decay
-
     def blend_weight(self) -> float:
         c = self.config
         if c.stab_blend_selection > 0:
             return c.stab_blend_selection
         return 0.5 if c.stab_gmm_running_mean else 0.0
-
-    # ----- evaluation
-    def eval_nets(self) -> list[torch.nn.Module]:
-        if self.swa is not None and self.swa.count > 0:
-            return self.swa.nets
-        return self.nets
 
     # ----- one epoch
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
@@ -141,92 +123,45 @@ class Hybrid(DivideMix):
             clean_probs = self.divide(ctx, row)
             row["seconds_divide"] = time.perf_counter() - t0
             if self.in_second_warmup(ctx.epoch):
-                row.update(self.second_warmup_epoch(ctx))
+                row.update(self.second_warmup_epoch(ctx, clean_probs[0]))
             else:
                 self.co_train(clean_probs, ctx, row)
                 row["lcons"] = (row["lcons_net1"] + row["lcons_net2"]) / 2
         row["temperature_eff"] = self.temperature_now
-        row["ema_decay"] = self.ema_decay(ctx.epoch)
+        row["ema_decay"] = ema_decay(c, ctx.epoch)
         if self.swa is not None and ctx.epoch >= c.stab_swa_start:
-            self.swa.update(self.nets)
-            self.swa.recompute_bn(self.train.images, c.eval_batch_size, c)
+            self.swa.update(self.nets, self.train.images, c.eval_batch_size, c)
             row["swa_count"] = self.swa.count
         return row
 
-    def warmup_epoch(self, ctx: EpochContext) -> dict[str, float]:
-        row = {}
-        t0 = time.perf_counter()
-        for i in range(len(self.nets)):
-            row[f"loss_net{i + 1}"] = self.ce_epoch(i, ctx, None, f"epoch {ctx.epoch} warm-up net{i + 1}")
-        row["train_loss"] = (row["loss_net1"] + row["loss_net2"]) / 2
-        row["seconds_train"] = time.perf_counter() - t0
-        return row
-
-    def second_warmup_epoch(self, ctx: EpochContext) -> dict[str, float]:
+    def second_warmup_epoch(self, ctx: EpochContext, clean_prob: np.ndarray) -> dict[str, float]:
         row = {"second_warmup": 1}
-        labeled, _ = self.labeled_split(None, "second warm-up")
-        for i in range(len(self.nets)):
-            row[f"loss_net{i + 1}"] = self.ce_epoch(i, ctx, labeled, f"epoch {ctx.epoch} 2nd warm-up net{i + 1}")
+        labeled, _ = self.labeled_split(clean_prob, "second warm-up")
+        for i in range(self.num_nets):
+            row[f"loss_net{i + 1}"] = self.ce_epoch(i, ctx, f"epoch {ctx.epoch} 2nd warm-up net{i + 1}", labeled)
         row["train_loss"] = (row["loss_net1"] + row["loss_net2"]) / 2
         if not self.in_second_warmup(ctx.epoch + 1):  # last one: teachers restart from the nets
             for teacher, net in zip(self.teachers, self.nets):
                 teacher.load_state_dict(net.state_dict())
         return row
 
-    def ce_epoch(self, i: int, ctx: EpochContext, indices: torch.Tensor | None, desc: str) -> float:
-        """Cross-entropy on the noisy labels of ``indices`` (all samples when None), batch 2B.
-
-        With every stabiliser off this is ``supervised_epoch`` (same random draws), plus the mean
-        teacher's EMA update after every step.
-        """
+    def ce_epoch(self, i: int, ctx: EpochContext, desc: str, indices: torch.Tensor | None = None) -> float:
+        """DivideMix's warm-up epoch with the label-smoothing and confidence-penalty stabilisers,
+        and the mean teacher's EMA update after every step."""
         c = self.config
-        net, opt, teacher = self.train_nets[i], self.optimizers[i], self.teachers[i]
-        train = self.train
-        net.train()
-        device = train.labels.device
-        if indices is None:
-            indices = torch.arange(len(train), device=device)
-        n, bs = len(indices), 2 * c.batch_size * self.dist.world_size  # global batch
-        decay = self.ema_decay(ctx.epoch)
-        perm = indices[torch.randperm(n, device=device, generator=ctx.generator)]
-        total = torch.zeros((), device=device)
-        steps = 0
-        with progress_bar((n + bs - 1) // bs, desc, ctx.progress) as bar:
-            for start in range(0, n, bs):
-                chunk = perm[start:start + bs]
-                if len(chunk) < self.dist.world_size:  # too small to give every rank a sample
-                    break
-                idx = distributed.local_slice(chunk, self.dist)
-                x = train.images.batch(idx, augment=True, generator=ctx.aug_generator)
-                with autocast(c):
-                    logits = net(x)
-                logits = logits.float()
-                loss = F.cross_entropy(logits, train.labels[idx], label_smoothing=c.stab_label_smoothing)
-                if c.neg_entropy:
-                    loss = loss + L.neg_entropy_penalty(logits)
-                if c.stab_confidence_penalty > 0:
-                    loss = loss + c.stab_confidence_penalty * L.neg_entropy_penalty(logits)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                L.ema_update_(teacher.parameters(), self.nets[i].parameters(), decay)
-                total += loss.detach()
-                steps += 1
-                bar.update(1)
-        return float(total) / max(steps, 1)
+        teacher, net, decay = self.teachers[i], self.nets[i], ema_decay(c, ctx.epoch)
+        return self.supervised_epoch(i, ctx, 2 * c.batch_size, desc, indices, c.stab_label_smoothing,
+                                     c.stab_confidence_penalty,
+                                     after_step=lambda: L.ema_update_(teacher.parameters(), net.parameters(), decay))
 
     # ----- selection
-    def train_logits(self) -> list[torch.Tensor]:
-        """Logits of each trained net on every training sample: eval mode, no augmentation (the same
-        on every rank under torchrun)."""
-        return self.predict_logits(self.train.images, self.config.eval_batch_size, nets=self.nets)
-
     def divide(self, ctx: EpochContext, row: dict[str, float]) -> list[np.ndarray]:
         """JS clean likelihood of the averaged prediction (and optionally a GMM blend); one score for
         both nets. Sets ``self.selected`` and ``last_division``; fills metrics."""
         c = self.config
         labels = self.train.labels
-        logits1, logits2 = self.train_logits()
+        # Eval mode, no augmentation, the same on every rank under torchrun.
+        logits1, logits2 = self.predict_logits(self.train.images, c.eval_batch_size, nets=self.nets)
         avg = (logits1 + logits2) / 2
         smoothed = L.smooth_labels(labels, self.num_classes, c.smooth_eps)
         js = L.js_divergence_base2(F.softmax(avg, 1), smoothed)  # = JS in nats / ln 2, in [0, 1]
@@ -245,7 +180,7 @@ class Hybrid(DivideMix):
                 gmm_prob = gmm_posterior_from_params(norm, params)
             score = blend_clean_prob(gmm_prob, p_clean, weight)
             threshold = (1.0 - weight) * c.p_threshold + weight * tau
-            clean_k = int(params.get("clean_component", int(np.argmin(params["means"]))))
+            clean_k = params["clean_component"]
             row["gmm_mean_clean_net1"] = float(params["means"][clean_k])
             row["gmm_mean_noisy_net1"] = float(params["means"][1 - clean_k])
             division.update({"loss_net1": norm, "gmm_prob": gmm_prob,
@@ -265,46 +200,18 @@ class Hybrid(DivideMix):
         self.last_division = division
         return [score, score]
 
-    def labeled_split(self, clean_prob, tag: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labeled, unlabeled) indices from this epoch's selection; never (nearly) empty."""
-        labeled = np.flatnonzero(self.selected)
-        if len(labeled) < 2:
-            score = self.last_division["clean_prob"] if self.last_division else np.zeros(len(self.selected))
-            k = min(len(score), max(2, self.config.batch_size))
-            print(f"warning: the selection for {tag} kept {len(labeled)} sample(s); "
-                  f"using the {k} most likely clean instead")
-            labeled = np.sort(np.argsort(-score, kind="stable")[:k])
-        mask = np.zeros(len(self.selected), dtype=bool)
-        mask[labeled] = True
-        device = self.train.labels.device
-        return torch.as_tensor(labeled, device=device), torch.as_tensor(np.flatnonzero(~mask), device=device)
+    def labeled_mask(self, clean_prob: np.ndarray) -> np.ndarray:
+        return self.selected
 
-    # ----- training one net
-    def train_net(self, a: int, b: int, clean_prob: np.ndarray, ctx: EpochContext) -> dict[str, float]:
-        c = self.config
-        net, optimizer = self.nets[a], self.optimizers[a]
-        net.train()
-        device = self.train.labels.device
-        labeled_idx, unlabeled_idx = self.labeled_split(clean_prob, f"net{a + 1}")
-        weights = torch.as_tensor(clean_prob, dtype=torch.float32, device=device)
-        start = self.ramp_start(ctx.epoch)
-        scale = self.lambda_u_scale(ctx.epoch) * self.damping
-        decay = self.ema_decay(ctx.epoch)
-        sums = torch.zeros(5, device=device)
-        lambda_u_eff = 0.0
-        steps = 0
-        for epoch_frac, idx_x, idx_u in self.mixmatch_batches(labeled_idx, unlabeled_idx, ctx, f"net{a + 1}"):
-            lambda_u_eff = c.lambda_u * L.linear_rampup(epoch_frac, start, c.rampup_epochs) * scale
-            parts = self.hybrid_step(a, idx_x, idx_u, weights, lambda_u_eff, ctx)
-            optimizer.zero_grad(set_to_none=True)
-            parts[0].backward()
-            optimizer.step()
-            L.ema_update_(self.teachers[a].parameters(), net.parameters(), decay)
-            sums += torch.stack([p.detach() for p in parts])
-            steps += 1
-        means = (sums / max(steps, 1)).tolist()
-        return {"loss": means[0], "lx": means[1], "lu": means[2], "penalty": means[3], "lcons": means[4],
-                "lambda_u_eff": lambda_u_eff, "labeled_used": len(labeled_idx)}
+    # ----- training one net: DivideMix's loop with these hooks
+    def ramp_start(self, epoch: int) -> int:
+        """Epoch the λu ramp counts from: the warm-up end, or the end of the second warm-up."""
+        k = self.config.stab_second_warmup
+        end2 = self.second_warmup_start() + k
+        return end2 if k > 0 and epoch >= end2 else self.config.warmup
+
+    def after_step(self, a: int, ctx: EpochContext) -> None:
+        L.ema_update_(self.teachers[a].parameters(), self.nets[a].parameters(), ema_decay(self.config, ctx.epoch))
 
     def pseudo_labels(self, u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
         """Teachers' pseudo-labels: views-mean of softmax((mt1(u) + mt2(u)) / 2), sharpened, with the
@@ -315,12 +222,13 @@ class Hybrid(DivideMix):
         q1, q2 = F.softmax(avg, 1).chunk(2)
         q = L.sharpen((q1 + q2) / 2, self.temperature_now)
         if c.stab_soft_ood:
-            o = soft_ood_score(q1, q2).unsqueeze(1)
+            o = L.soft_ood_score(q1, q2).unsqueeze(1)
             q = (1 - o) * q + o * F.softmax(q / c.ood_temperature, 1)
-        return cap_confidence(q, c.stab_teacher_cap)
+        return L.cap_confidence(q, c.stab_teacher_cap)
 
-    def hybrid_step(self, a, idx_x, idx_u, weights, lambda_u_eff, ctx):
-        """Loss of one batch for net ``a``: (total, Lx, Lu, penalty, L_cons), float32 scalars."""
+    def loss_parts(self, a, b, idx_x, idx_u, weights, lambda_u_eff, ctx):
+        """Loss of one batch for net ``a`` (the partner ``b`` is not used: the teachers guess the
+        pseudo-labels): (total, Lx, Lu, penalty, L_cons), float32 scalars."""
         c = self.config
         net = self.train_nets[a]
         gen = ctx.aug_generator
@@ -366,10 +274,9 @@ class Hybrid(DivideMix):
 
     def load_extra_state(self, state: dict) -> None:
         super().load_extra_state(state)
-        for teacher, sd in zip(self.teachers, state.get("teachers", [])):
+        for teacher, sd in zip(self.teachers, state["teachers"]):
             teacher.load_state_dict(sd)
-        self.gmm_state = state.get("gmm_state")
-        if "selected" in state:
-            self.selected = np.asarray(state["selected"], dtype=bool)
-        if self.swa is not None and "swa" in state:
+        self.gmm_state = state["gmm_state"]
+        self.selected = np.asarray(state["selected"], dtype=bool)
+        if self.swa is not None:
             self.swa.load_state_dict(state["swa"])

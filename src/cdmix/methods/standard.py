@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cdmix.methods.base import EpochContext, Method, supervised_epoch
+from cdmix.methods.base import EpochContext, Method
 
 
 class Standard(Method):
@@ -10,7 +10,4 @@ class Standard(Method):
     num_nets = 1
 
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
-        loss = supervised_epoch(self.config, self.train_nets[0], self.optimizers[0], self.train,
-                                self.config.batch_size, bool(self.config.neg_entropy), ctx,
-                                desc=f"epoch {ctx.epoch} CE")
-        return {"train_loss": loss}
+        return {"train_loss": self.supervised_epoch(0, ctx, self.config.batch_size, f"epoch {ctx.epoch} CE")}

@@ -1,4 +1,10 @@
-"""``cdmix bench``: one warm-up and one DivideMix epoch, timed per phase, against the official-style pipeline.
+"""Speed benchmark: one warm-up and one DivideMix epoch, timed per phase, against the official-style pipeline.
+
+Runs from a checkout of the repository (it is not part of the installed package):
+
+    python benchmarks/bench.py --width 16 --images 5000          # or, from the repository root:
+    cdmix bench --width 16 --images 5000
+    python benchmarks/bench.py --source subset --images 5551 --markdown docs/RESULTS_speed.md
 
 What it measures, all in one process:
 
@@ -11,10 +17,12 @@ What it measures, all in one process:
   ``epoch / pure compute`` is the overhead of everything that is not the model.
 * **data path**: augmented images per second of cdmix's batch assembly (gather, crop, flip,
   normalise on the device) against the official per-sample Dataset + DataLoader.
-* **reference**: ``benchmarks/reference_pipeline.py`` (found in a source checkout), the official
-  code's structure, for the same model and the same number and shapes of steps.
+* **reference**: ``reference_pipeline.py`` (next to this file), the official code's structure, for
+  the same model and the same number and shapes of steps.
 
-Estimated TFLOP/s count Conv2d/Linear FLOPs (``count_flops``) with forward+backward = 3x forward.
+Estimated TFLOP/s count FLOPs (``measure.count_flops``) with forward+backward = 3x forward. Prints
+the table to stdout; ``--out FILE`` writes it (markdown, or JSON when FILE ends in .json),
+``--markdown FILE`` appends it to a markdown file. The timing tools live in ``measure.py``.
 """
 
 from __future__ import annotations
@@ -25,24 +33,35 @@ import copy
 import importlib.util
 import json
 import os
-import platform
-import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from cdmix.errors import UserError
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the sibling modules, however this file was loaded
+    sys.path.insert(0, str(HERE))
+try:
+    import cdmix  # noqa: F401
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(HERE.parent / "src"))
+
+from measure import (  # noqa: E402
+    Call, CallRecorder, PhaseTimer, clock, count_flops, cuda_peak_mib, load_average, machine_info, peak_memory,
+    phase_stats, prime, replay, reset_peak, restore, set_clock, snapshot, sync,
+)
+
+from cdmix.errors import UserError  # noqa: E402
 
 PHASES = ("warm-up epoch", "divide", "train net1", "train net2", "test")
 EPOCH_PHASES = ("divide", "train net1", "train net2", "test")
-REFERENCE_FILE = Path("benchmarks") / "reference_pipeline.py"
+REFERENCE_FILE = HERE / "reference_pipeline.py"
 SUBSET_RELATIVE = Path("shared") / "data" / "cifar10-subset" / "cifar10_subset.npz"
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 CIFAR100_MEAN, CIFAR100_STD = (0.507, 0.487, 0.441), (0.267, 0.256, 0.276)
@@ -88,17 +107,6 @@ class BenchOptions:
         return min(5, os.cpu_count() or 1)
 
 
-def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser(
-        "bench", help="time one warm-up + one DivideMix epoch against the official-style pipeline",
-        description="Time one warm-up epoch and one DivideMix epoch of cdmix (per phase), the same "
-                    "model compute alone, the data path, and the official-style reference pipeline "
-                    "(benchmarks/reference_pipeline.py, source checkouts only) in the same process.")
-    add_bench_arguments(p)
-    p.set_defaults(func=cmd_bench)
-    return p
-
-
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="preact_resnet18", help="model name (default preact_resnet18)")
     p.add_argument("--width", type=int, default=16, help="model width (default 16; 64 = the paper's)")
@@ -136,16 +144,13 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads for this run (default: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="also write the table to this file (markdown; JSON if it ends in .json)")
+    p.add_argument("--markdown", help="append the table to this markdown file")
 
 
-def options_from_args(args: argparse.Namespace, command: str | None = None) -> BenchOptions:
+def options_from_args(args: argparse.Namespace, command: str = "") -> BenchOptions:
     names = {f for f in BenchOptions.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in names and k != "command"}
-    if command is None:
-        argv = sys.argv[1:]
-        command = "cdmix " + " ".join(argv) if "bench" in argv[:1] else "cdmix bench"
-    values["command"] = command
-    return BenchOptions(**values)
+    return BenchOptions(**values, command=command)
 
 
 def log(message: str) -> None:
@@ -153,14 +158,29 @@ def log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    opts = options_from_args(args)
-    result = run_bench(opts)
+def main(argv: list[str] | None = None, prog: str = "python benchmarks/bench.py") -> int:
+    """Parse ``argv`` (default: the command line), run the benchmark, print the table; 2 on a user error."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_bench_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        opts = options_from_args(args, command=" ".join([prog, *argv]))
+        result = run_bench(opts)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     text = format_table(result)
     print(text)
     if opts.out:
         write_result(result, text, opts.out)
         print(f"wrote {opts.out}")
+    if args.markdown:
+        path = Path(args.markdown)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as fh:
+            fh.write("\n" + text + "\n")
+        print(f"appended to {path}")
     return 0
 
 
@@ -220,8 +240,8 @@ class BenchData:
 
 
 def repo_root() -> Path:
-    """The source checkout this module lives in (``src/cdmix/bench.py`` -> checkout)."""
-    return Path(__file__).resolve().parents[2]
+    """The source checkout this file lives in (``benchmarks/bench.py`` -> checkout)."""
+    return HERE.parent
 
 
 def find_subset(path: str | None) -> Path:
@@ -287,240 +307,6 @@ def build_trainer(opts: BenchOptions, data: BenchData, run_dir: Path):
                   mean=data.mean, std=data.std, train_true_labels=data.true_labels, name="bench")
     prepared = PreparedData(raw, {}, np.arange(len(data.noisy_labels)), np.zeros(0, dtype=np.int64))
     return Trainer(config, run_dir, prepared, resume=False)
-
-
-# ------------------------------------------------------------------------------------------------
-# timing, call recording, replay
-# ------------------------------------------------------------------------------------------------
-
-
-_CLOCK: Callable[[], float] = time.perf_counter
-
-
-def clock() -> float:
-    """The benchmark's clock: wall time (default) or, with --clock cpu, this thread's CPU time."""
-    return _CLOCK()
-
-
-def sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Call:
-    phase: str
-    net: int
-    shape: tuple[int, ...]
-    channels_last: bool
-    training: bool
-    grad: bool
-    inference: bool
-    wrapped: bool = False  # called through the method's training wrapper (compiled net), not the bare net
-
-
-class CallRecorder:
-    """Records every top-level forward of ``nets`` (forward pre-hooks), tagged with the current phase.
-
-    ``wrappers[i]``, when it is a different module from ``nets[i]`` (a compiled net), is hooked too
-    and its calls are recorded once, as ``wrapped`` calls (the bare net's hook stays quiet inside).
-    """
-
-    def __init__(self, nets: list[torch.nn.Module], wrappers: list[torch.nn.Module] | None = None):
-        self.phase = "setup"
-        self.calls: list[Call] = []
-        self.enabled = True
-        self.inside = 0
-        self.handles = [net.register_forward_pre_hook(self._hook(i, False)) for i, net in enumerate(nets)]
-        for i, wrapper in enumerate(wrappers or []):
-            if wrapper is not nets[i]:
-                self.handles.append(wrapper.register_forward_pre_hook(self._hook(i, True)))
-                self.handles.append(wrapper.register_forward_hook(self._leave))
-
-    def _leave(self, module, args, output):
-        self.inside -= 1
-
-    def _hook(self, index: int, wrapped: bool):
-        def pre(module, args):
-            if wrapped:
-                self.inside += 1
-            elif self.inside:
-                return
-            if not self.enabled or not args:
-                return
-            x = args[0]
-            self.calls.append(Call(self.phase, index, tuple(x.shape),
-                                   x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                                   and not x.is_contiguous(),
-                                   module.training, torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-                                   wrapped))
-        return pre
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles = []
-
-
-class PhaseTimer:
-    """Accumulates synchronised wall time per phase and tells the recorder which phase runs."""
-
-    def __init__(self, device: torch.device, recorder: CallRecorder | None = None):
-        self.device = device
-        self.recorder = recorder
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def phase(self, name: str):
-        sync(self.device)
-        if self.recorder is not None:
-            self.recorder.phase = name
-        t0 = clock()
-        try:
-            yield
-        finally:
-            sync(self.device)
-            self.seconds[name] = self.seconds.get(name, 0.0) + clock() - t0
-            if self.recorder is not None:
-                self.recorder.phase = "other"
-
-
-def phase_stats(calls: list[Call], flops_per_image: int) -> dict[str, dict[str, float]]:
-    stats: dict[str, dict[str, float]] = {}
-    for c in calls:
-        s = stats.setdefault(c.phase, {"forwards": 0, "grad_steps": 0, "images": 0, "flops": 0.0})
-        s["forwards"] += 1
-        s["grad_steps"] += int(c.grad)
-        s["images"] += c.shape[0]
-        s["flops"] += c.shape[0] * flops_per_image * (3 if c.grad else 1)
-    return stats
-
-
-def replay(calls: list[Call], nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer],
-           amp: Callable[[], Any], device: torch.device, num_classes: int,
-           per_kind: int | None = None, wrappers: list[torch.nn.Module] | None = None) -> dict[str, float]:
-    """Model compute alone: the recorded forwards (a backward + optimizer step after each grad
-    forward) on pre-built random batches of the recorded shapes. Returns seconds per phase.
-
-    Nets run in the recorded train/eval and grad/no-grad/inference modes. ``per_kind=None`` replays
-    every call in order; ``per_kind=k`` times at most k calls of each distinct kind (net, shape,
-    modes) per phase and scales that time to the kind's count in the epoch (same count and shapes,
-    a fraction of the cost).
-    """
-    pool: dict[tuple, torch.Tensor] = {}
-    targets: dict[int, torch.Tensor] = {}
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    for c in calls:
-        key = (c.shape, c.channels_last)
-        if key not in pool:
-            x = torch.randn(c.shape, generator=gen).to(device)
-            pool[key] = x.contiguous(memory_format=torch.channels_last) if c.channels_last else x
-        if c.grad and c.shape[0] not in targets:
-            targets[c.shape[0]] = torch.softmax(torch.randn(c.shape[0], num_classes, generator=gen), 1).to(device)
-
-    def run(c: Call) -> None:
-        net = wrappers[c.net] if c.wrapped and wrappers is not None else nets[c.net]
-        if net.training != c.training:
-            net.train(c.training)
-        x = pool[(c.shape, c.channels_last)]
-        if c.inference:
-            with torch.inference_mode(), amp():
-                net(x)
-        elif not c.grad:
-            with torch.no_grad(), amp():
-                net(x)
-        else:
-            with amp():
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), targets[c.shape[0]])
-            optimizers[c.net].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[c.net].step()
-
-    was_training = [net.training for net in nets]
-    seconds: dict[str, float] = {}
-    order: list[str] = []
-    for c in calls:
-        if c.phase not in order:
-            order.append(c.phase)
-    for phase in order:
-        phase_calls = [c for c in calls if c.phase == phase]
-        if per_kind is None:
-            sync(device)
-            t0 = clock()
-            for c in phase_calls:
-                run(c)
-            sync(device)
-            seconds[phase] = clock() - t0
-            continue
-        kinds: dict[tuple, list[Call]] = {}
-        for c in phase_calls:
-            kinds.setdefault((c.net, c.shape, c.channels_last, c.training, c.grad, c.inference, c.wrapped),
-                             []).append(c)
-        total = 0.0
-        for group in kinds.values():
-            timed = group[:per_kind]
-            sync(device)
-            t0 = clock()
-            for c in timed:
-                run(c)
-            sync(device)
-            total += (clock() - t0) * len(group) / len(timed)
-        seconds[phase] = total
-    for net, mode in zip(nets, was_training):
-        net.train(mode)
-    return seconds
-
-
-def prime(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], shapes: list[tuple],
-          amp: Callable[[], Any], device: torch.device, channels_last: bool,
-          wrappers: list[torch.nn.Module] | None = None) -> float:
-    """Untimed first calls (CUDA context, cuDNN autotuning, compilation) for the main shapes.
-
-    Train-mode calls go through ``wrappers`` (the method's training modules) when given. Weights,
-    BN statistics and optimizer state are restored afterwards. Returns seconds spent.
-    """
-    t0 = time.perf_counter()
-    saved = [copy.deepcopy(net.state_dict()) for net in nets]
-    modes = [net.training for net in nets]
-    for i, net in enumerate(nets):
-        trained = wrappers[i] if wrappers is not None else net
-        for shape in shapes:
-            x = torch.randn(shape, device=device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            trained.train()
-            with amp():
-                trained(x).float().sum().backward()
-            with torch.no_grad(), amp():
-                trained(x)
-            net.eval()
-            with torch.inference_mode(), amp():
-                net(x)
-            with torch.no_grad(), amp():
-                net(x)
-        net.zero_grad(set_to_none=True)
-    for net, state, mode in zip(nets, saved, modes):
-        net.load_state_dict(state)
-        net.train(mode)
-    del optimizers  # untouched: no step was taken
-    sync(device)
-    return time.perf_counter() - t0
-
-
-def peak_memory(device: torch.device) -> dict[str, float]:
-    """Peak memory so far: CUDA allocator peak (MiB) on CUDA; process max RSS (MiB) on CPU."""
-    if device.type == "cuda":
-        return {"cuda_max_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
-    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"max_rss_mib": self_rss, "children_max_rss_mib": children}
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
 
 # ------------------------------------------------------------------------------------------------
 # cdmix
@@ -590,16 +376,6 @@ def instrument(method, timer: PhaseTimer, steps: int | None, batch_size: int,
     method.labeled_split = recorded_split
     return splits
 
-
-def snapshot(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer]) -> tuple[list, list]:
-    return ([copy.deepcopy(n.state_dict()) for n in nets], [copy.deepcopy(o.state_dict()) for o in optimizers])
-
-
-def restore(nets: list[torch.nn.Module], optimizers: list[torch.optim.Optimizer], state: tuple[list, list]) -> None:
-    for net, sd in zip(nets, state[0]):
-        net.load_state_dict(sd)
-    for opt, sd in zip(optimizers, state[1]):
-        opt.load_state_dict(sd)
 
 
 class CdmixSide:
@@ -724,9 +500,6 @@ class CdmixSide:
                 "train net2": int(last.get("labeled_used_net2", 0))}
 
 
-def cuda_peak_mib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
-
 
 def cdmix_data_path(images, n: int, batch_size: int, device: torch.device, seed: int) -> tuple[float, int, float]:
     """cdmix's batch assembly: a device permutation, then two augmented views per batch (gather,
@@ -753,19 +526,18 @@ def cdmix_data_path(images, n: int, batch_size: int, device: torch.device, seed:
 
 
 def load_reference():
-    """The reference pipeline module from ``benchmarks/reference_pipeline.py`` of a source checkout, or None."""
-    for root in (repo_root(), Path.cwd()):
-        path = root / REFERENCE_FILE
-        if path.is_file():
-            name = "cdmix_bench_reference_pipeline"
-            if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
-                return sys.modules[name]
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module  # DataLoader workers and pickling look classes up by module name
-            spec.loader.exec_module(module)
-            return module
-    return None
+    """The reference pipeline module (``REFERENCE_FILE``), or None when the file is missing."""
+    path = REFERENCE_FILE
+    if not path.is_file():
+        return None
+    name = "cdmix_bench_reference_pipeline"
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # DataLoader workers and pickling look classes up by module name
+    spec.loader.exec_module(module)
+    return module
 
 
 class ReferenceSide:
@@ -849,39 +621,13 @@ class ReferenceSide:
 # ------------------------------------------------------------------------------------------------
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _load() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
-
-
 def run_bench(opts: BenchOptions) -> dict[str, Any]:
     """Run the whole benchmark (see ``_run_bench``) with ``opts.threads`` torch threads, restored after."""
-    global _CLOCK
     validate_options(opts)
     saved = torch.get_num_threads()
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
-    _CLOCK = time.thread_time if opts.clock == "cpu" else time.perf_counter
+    set_clock(opts.clock)
     limits = contextlib.nullcontext()
     if opts.threads is not None:
         from threadpoolctl import threadpool_limits  # installed with scikit-learn
@@ -892,7 +638,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
             return _run_bench(opts)
     finally:
         torch.set_num_threads(saved)
-        _CLOCK = time.perf_counter
+        set_clock("wall")
 
 
 def _run_bench(opts: BenchOptions) -> dict[str, Any]:
@@ -905,7 +651,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     back to back under the same machine load. On CUDA the reference runs after cdmix, so each
     pipeline's peak memory is its own.
     """
-    from cdmix.models import count_flops, create_model
+    from cdmix.models import create_model
 
     # One-off imports the first divide would otherwise pay inside its timed region.
     import sklearn.metrics  # noqa: F401
@@ -914,7 +660,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     import cdmix.selection  # noqa: F401
 
     t_start = time.perf_counter()
-    load_start = _load()
+    load_start = load_average()
     if load_start is not None and load_start > (os.cpu_count() or 1):
         print(f"warning: the machine is busy (load average {load_start:.1f} on {os.cpu_count()} CPUs); "
               "timings are comparable within this run only")
@@ -1001,7 +747,7 @@ def _run_bench(opts: BenchOptions) -> dict[str, Any]:
     return {
         "options": asdict(opts),
         "machine": machine_info(device),
-        "load_average": {"start": load_start, "end": _load()},
+        "load_average": {"start": load_start, "end": load_average()},
         "data": data.description,
         "num_train": len(data.noisy_labels),
         "num_test": len(data.test_labels),
@@ -1174,3 +920,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines += ["", "torch.profiler, one more cdmix DivideMix epoch + test (top ops by self time):", "",
                   "```", result["profile"].rstrip(), "```"]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
