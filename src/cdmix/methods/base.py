@@ -21,6 +21,7 @@ from cdmix.selection import fit_gmm_clean_prob, minmax_normalise, selection_metr
 
 log = logging.getLogger("cdmix")
 
+
 @dataclass
 class TrainSet:
     """The training samples a method sees, all on the config's device.
