@@ -5,7 +5,7 @@
 #
 # Run from anywhere inside the checkout. Installs the package (no dependencies, no network), runs the
 # GPU-marked tests and benchmarks/bench.py (`cdmix bench`) with hard time limits (the whole script stays
-# under 8 minutes) and writes every table and log into RESULTS_DIR:
+# under 10 minutes) and writes every table and log into RESULTS_DIR:
 #
 #   versions.txt            torch / CUDA / GPU name
 #   pytest_gpu.txt          pytest -m gpu
@@ -14,6 +14,9 @@
 #   bench_fast.md/.json     the same with --fast, cdmix only, plus a torch.profiler top-25 table of
 #                           one more DivideMix epoch (where the GPU time goes)
 #   bench_cifar100.md/.json CIFAR-100 shapes (100 classes), --steps 100, cdmix only: peak memory
+#   store_gpu.json/.txt     issue #11: 6,000 generated 500x375 JPEGs in an image store (256 px), one
+#                           DivideMix epoch of ResNet-50 at 224 px read from the store (--data-placement
+#                           disk): GPU name, images/s, fraction of the epoch spent waiting for data
 #   *.txt                   full stdout/stderr of each step; gpu_check.log: timings and exit codes
 #
 # Each step runs under `timeout`; a step that fails or runs out of time is logged and the script
@@ -80,6 +83,11 @@ BENCH=(python benchmarks/bench.py --model preact_resnet18 --width "$WIDTH" --bat
 step bench_faithful 200 "${BENCH[@]}" --out "$out/bench_faithful.json"
 step bench_fast 80 "${BENCH[@]}" --fast --no-reference --profile 25 --out "$out/bench_fast.json"
 step bench_cifar100 40 "${BENCH[@]}" --classes 100 --steps 100 --no-reference --out "$out/bench_cifar100.json"
+if [ "$DEVICE" = cuda ]; then
+    # The JPEGs and the store (1.2 GB) stay on the machine's disk, outside the results folder.
+    step store_gpu 110 python benchmarks/store.py --gpu --images "${GPU_CHECK_STORE_IMAGES:-6000}" \
+        --work "${TMPDIR:-/tmp}/cdmix_store_bench" --out "$out/store_gpu.json"
+fi
 
 # Each bench prints its markdown table last; keep it next to the JSON for docs/RESULTS.md.
 for name in bench_faithful bench_fast bench_cifar100; do

@@ -140,3 +140,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _Payload:
+    """Unpickling this makes the folder ``mark``: the proof that loading a file ran its code."""
+
+    def __init__(self, mark: str):
+        self.mark = mark
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.mark,))
+
+
+@pytest.fixture
+def plant_payload():
+    """``plant(path, mark, content=None)``: write a pickle payload to ``path`` with ``torch.save``, by
+    default shaped like a cdmix checkpoint; loading it unsafely creates the folder ``mark``."""
+    import torch
+
+    def plant(path: Path, mark: Path, content=None) -> Path:
+        payload = _Payload(str(mark))
+        torch.save({"epoch": 0, "method": payload} if content is None else content(payload), path)
+        return path
+
+    return plant

@@ -134,3 +134,99 @@ def test_warnings_go_through_the_cdmix_logger_as_one_line(capsys):
     capsys.readouterr()
     logging.getLogger("cdmix").warning("the division looks odd")
     assert capsys.readouterr().err.strip().endswith("warning: the division looks odd")
+
+
+@pytest.fixture(scope="module")
+def flipped_folder(tmp_path_factory):
+    """A tiny image folder of 3 digit classes, 60 images each, with 15 images put in a wrong class folder
+    (their file names say where they belong): a user's own data with real label errors."""
+    from PIL import Image
+
+    from cdmix.data.sources import load_source
+
+    raw = load_source("digits", "unused")
+    root = tmp_path_factory.mktemp("user_folder")
+    names = ["zero", "one", "two"]
+    rng = np.random.default_rng(0)
+    flipped = []
+    for label, name in enumerate(names):
+        for k, i in enumerate(np.flatnonzero(raw.train_labels == label)[:60]):
+            folder = name
+            if k % 4 == 0 and k < 20:  # 5 per class go to the next class's folder
+                folder = names[(label + 1) % 3]
+                flipped.append(f"{folder}/{name}_{k:02d}.png")
+            (root / folder).mkdir(exist_ok=True)
+            Image.fromarray(raw.train_images[i][..., 0]).save(root / folder / f"{name}_{k:02d}.png")
+    rng.shuffle(flipped)
+    return root, set(flipped)
+
+
+@pytest.mark.slow
+def test_own_image_folder_adds_no_noise_and_names_the_flipped_files(capsys, tmp_path, flipped_folder):
+    root, flipped = flipped_folder
+    run = tmp_path / "run"
+    code, out, err = _run_main(capsys, "train", "--dataset", "folder", "--data-path", str(root), "--image-size", "8",
+                               "--width", "16", "--epochs", "30", "--batch-size", "16", "--out", str(run),
+                               "--no-progress")
+    assert code == 0, err
+    assert "labels as given" in out and "noise synthetic" not in out
+    assert "selection" not in out.split("test accuracy")[1]  # no selection metrics without true labels
+    from cdmix import runs
+
+    summary = runs.read_summary(run)
+    assert summary["noise_source"] == "none" and summary["noise_rate_actual"] is None
+    assert "noise_rate_actual_train" not in summary and summary["warmup_rule"].startswith("auto")
+    metrics = (run / "metrics.csv").read_text()
+    assert "sel_precision" not in metrics and "warmup_separation" in metrics
+    issues = cdmix_issues(run)
+    assert issues.true_label is None
+    # every training image is scored, the validation part included, and named by its path
+    assert len(issues) == summary["num_train"] + summary["num_val"] and len(set(issues.ids)) == len(issues)
+    assert set(issues.scored) == {"in-sample", "held-out"}
+    in_train = [p for p in issues.ids if p in flipped]
+    top = set(issues.ids[: len(in_train)])
+    assert len(top & flipped) >= 0.6 * len(in_train), (sorted(top), sorted(flipped))
+    assert {"zero", "one", "two"} >= set(issues.given_class)
+    code, out, _ = _run_main(capsys, "issues", str(run), "--top", "3")
+    assert code == 0 and issues.ids[0] in out.splitlines()[1] and "true" not in out.splitlines()[0]
+    code, out, _ = _run_main(capsys, "issues", str(run), "--html", "--clean-csv", str(tmp_path / "clean.csv"))
+    assert code == 0 and (run / "issues.html").is_file()
+    page = (run / "issues.html").read_text()
+    assert page.count("data:image/png;base64,") == min(100, len(issues)) and issues.ids[0] in page
+    lines = (tmp_path / "clean.csv").read_text().splitlines()
+    assert lines[0] == "path,label" and len(lines) - 1 == len(issues) - int(issues.flagged.sum())
+    assert all((tmp_path / line.split(",")[0]).is_file() for line in lines[1:])
+    code, out, _ = _run_main(capsys, "predict", str(run), str(root / "zero"))
+    assert code == 0 and out.count(".png") == len(list((root / "zero").iterdir()))
+    assert sum(" zero " in line for line in out.splitlines()) > 0.6 * out.count(".png")
+
+
+def cdmix_issues(run):
+    from cdmix.issues import rank_label_issues
+
+    return rank_label_issues(run)
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--lr", "-0.1"), ("--lr", "0"), ("--lr", "nan"), ("--lr", "inf"), ("--alpha", "0"), ("--alpha", "-2"),
+    ("--temperature", "0"), ("--seed", "-1"), ("--warmup", "-1"), ("--p-threshold", "1.5"),
+    ("--p-threshold", "-0.5"), ("--eval-batch-size", "0"), ("--lambda-u", "nan"),
+])
+def test_numbers_outside_their_domain_stop_before_anything_starts(capsys, tmp_path, flag, value):
+    out = tmp_path / "run"
+    code, _, err = _run_main(capsys, "train", flag, value, "--out", str(out), "--no-progress")
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert f"({flag}) must be" in err and "Traceback" not in err
+    assert not out.exists()  # refused before any data was loaded or folder made
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'lr = "fast"\n', "lr must be a number"),
+    (b"epochs = [1, 2]\n", "epochs must be a whole number"),
+    (b"noise_rate = 0.2\ndataset = '\xff\xfe'\n", "not UTF-8"),
+])
+def test_bad_config_file_is_one_line(capsys, tmp_path, content, message):
+    toml = tmp_path / "c.toml"
+    toml.write_bytes(content)
+    code, _, err = _run_main(capsys, "train", "--config", str(toml), "--out", str(tmp_path / "run"))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -108,3 +108,103 @@ def test_negative_entropy_penalty_follows_the_asym_mode_also_with_a_noise_file(t
     noise_file = str(tmp_path / "0.4_asym.json")
     assert resolve(Config(noise_mode="asym", noise_file=noise_file), 10, 32).neg_entropy is True
     assert resolve(Config(noise_mode="sym", noise_file=noise_file), 10, 32).neg_entropy is False
+
+
+# Every numeric value #15 names, plus the neighbours of each bound (#15 extras marked "extra").
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("name, value", [
+    ("lr", -0.1), ("lr", 0.0), ("lr", NAN), ("lr", INF), ("lr", -INF),
+    ("alpha", 0.0), ("alpha", -1.0), ("temperature", 0.0), ("seed", -1), ("warmup", -1),
+    ("p_threshold", -0.01), ("p_threshold", 1.01), ("p_threshold", NAN), ("eval_batch_size", 0),
+    ("lambda_u", NAN), ("lambda_u", -1.0), ("lambda_u", INF),
+    # extra
+    ("batch_size", 0), ("epochs", 0), ("momentum", 1.0), ("weight_decay", -1e-4), ("ema_decay", 1.5),
+    ("tau_clean", NAN), ("ood_temperature", 0.0), ("seed", 2**32), ("loss_history", 0), ("width", 0),
+    ("image_size", 0), ("val_fraction", 0.95), ("noise_rate", NAN), ("collapse_drop", -1.0),
+    ("stab_label_smoothing", 1.0), ("rampup_epochs", -1), ("lr_step", -1), ("open_set_rate", 1.0),
+])
+def test_numbers_outside_their_domain_are_refused(name, value):
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(UserError, match=f"\\({flag}\\) must be"):
+        build_config(**{name: value})
+
+
+def test_every_numeric_setting_has_bounds():
+    from dataclasses import fields
+
+    numeric = [f.name for f in fields(Config) if "int" in str(f.type) or "float" in str(f.type)]
+    assert numeric and all(f.metadata["bounds"] for f in fields(Config) if f.name in numeric)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('lr = "fast"\n', "lr must be a number, got 'fast'"),
+    ("epochs = 2.5\n", "epochs must be a whole number"),
+    ('download = "yes"\n', "download must be true or false"),
+    ("dataset = 3\n", "dataset must be text"),
+    ("seed = true\n", "seed must be a whole number"),
+    ("[lr]\nvalue = 1\n", "lr must be a number"),
+])
+def test_wrongly_typed_values_in_a_config_file(tmp_path, text, message):
+    toml = tmp_path / "c.toml"
+    toml.write_text(text)
+    with pytest.raises(UserError, match=f"config file {toml}: {message}"):
+        build_config(config_file=str(toml))
+
+
+def test_a_config_file_that_is_not_utf8(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_bytes(b'dataset = "caf\xe9"\n')
+    with pytest.raises(UserError, match="not UTF-8"):
+        build_config(config_file=str(toml))
+
+
+def test_config_records_the_image_size_used(caplog):
+    config = resolve(Config(dataset="digits", image_size=32), num_classes=10, image_size=8)
+    assert config.image_size == 8
+    assert "--image-size 32 does not apply to digits" in caplog.text
+
+
+def test_hand_edited_run_config_is_validated(tmp_path):
+    path = tmp_path / "config.json"
+    save_json(Config(), path)
+    values = json.loads(path.read_text())
+    values["lambda_u"] = "NaN"
+    path.write_text(json.dumps(values))
+    with pytest.raises(UserError, match="config.json: lambda u"):
+        load_json(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a JSON object"):
+        load_json(path)
+
+
+def test_synthetic_noise_only_when_asked_for():
+    from cdmix.config import noise_setting
+
+    assert noise_setting(Config()) == ("sym", 0.4)  # the built-in digits demo
+    for dataset in ("folder", "csv", "npz", "arrays", "cifar10"):
+        assert noise_setting(Config(dataset=dataset)) is None, dataset
+        assert resolve(Config(dataset=dataset), 10, 32).noise_rate == 0.0
+    assert noise_setting(Config(dataset="folder", noise_rate=0.2)) == ("sym", 0.2)
+    assert noise_setting(Config(dataset="folder", noise_mode="asym")) == ("asym", 0.4)
+    assert noise_setting(Config(dataset="digits", noise_rate=0.0)) is None
+    assert noise_setting(build_config(preset="dividemix-cifar10-asym40")) == ("asym", 0.4)
+    # a resolved config says what ran, and resolves to the same again (resume)
+    ran = resolve(Config(dataset="folder"), 10, 32)
+    assert noise_setting(ran) is None and resolve(ran, 10, 32).noise_rate == 0.0
+
+
+def test_warmup_auto_default_and_no_epochs_left_is_an_error():
+    assert resolve(Config(), 10, 8).warmup == "auto"
+    assert resolve(Config(method="hybrid"), 10, 8).warmup == 3
+    assert build_config(warmup="auto").warmup == "auto"
+    with pytest.raises(UserError, match="leaves no dividemix epoch"):
+        resolve(Config(epochs=10, warmup=10), 10, 32)
+    with pytest.raises(UserError, match="at least 2 epochs"):
+        resolve(Config(epochs=1), 10, 32)
+    with pytest.raises(UserError, match="auto is for"):
+        build_config(method="josrc", warmup="auto")
+    with pytest.raises(UserError, match="--warmup must be"):
+        build_config(warmup="soon")
+    assert resolve(Config(method="standard", epochs=3, warmup=10), 10, 32).epochs == 3  # CE has no warm-up

@@ -24,7 +24,7 @@ def train_set():
 
 
 def make(train_set, **kw):
-    config = resolve(Config(width=8, batch_size=32, warmup=1, epochs=4, progress=False, **kw), 10, 8)
+    config = resolve(Config(**{"width": 8, "batch_size": 32, "warmup": 1, "epochs": 4, "progress": False, **kw}), 10, 8)
     torch.manual_seed(0)
     return DivideMix(config, train_set)
 
@@ -112,3 +112,41 @@ def test_fast_variant_agrees_where_it_should(train_set):
         a = faithful.guess_unlabeled(faithful.nets[0], faithful.nets[1], u1, u2)
         b = fast.guess_unlabeled(fast.nets[0], fast.nets[1], u1, u2)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_warmup_measures_decides_and_keeps_the_decision_in_its_state(train_set, monkeypatch):
+    # 300 samples at batch 2 x 32: 5 steps per warm-up epoch; floor 10 steps, ceiling 15: ends after 3 at the latest.
+    method = make(train_set, warmup="auto", warmup_min_steps=10, warmup_max_steps=15, epochs=10)
+    assert method.warmup_end is None and method.warmup_steps_per_epoch() == 5
+    rows = []
+    epoch = 0
+    while method.warmup_end is None:
+        rows.append(method.train_epoch(seed_epoch(method.config, epoch)))
+        epoch += 1
+    assert 2 <= epoch <= 3 and method.warmup_end == epoch and rows[-1]["warmup_end"] == 1
+    assert all(np.isfinite(r["warmup_separation"]) and "labeled_net1" not in r for r in rows)
+    assert method.separations == [r["warmup_separation"] for r in rows]
+    assert method.summary_info()["warmup_epochs"] == epoch and method.summary_info()["warmup_rule"].startswith("auto")
+    cached = [loss.clone() for loss in method.measured_losses]
+    seen = []
+    original = method.per_sample_losses
+    monkeypatch.setattr(method, "per_sample_losses", lambda net: seen.append(net) or original(net))
+    row = method.train_epoch(seed_epoch(method.config, epoch))  # the first division reuses the last measurement
+    assert seen == [] and "labeled_net1" in row and method.measured_losses is None
+    np.testing.assert_allclose(method.last_division["loss_net1"], (cached[0] - cached[0].min()).numpy()
+                               / float(cached[0].max() - cached[0].min()), rtol=1e-6)
+    # the decision is part of the checkpointed state: a resumed method replays it
+    fresh = make(train_set, warmup="auto", warmup_min_steps=10, warmup_max_steps=15, epochs=10)
+    fresh.load_state_dict(method.state_dict())
+    assert fresh.warmup_end == epoch and fresh.separations == method.separations
+    assert fresh.ramp_start(epoch + 1) == epoch
+
+
+def test_auto_warmup_cut_by_too_few_epochs_is_said_loudly(train_set, caplog):
+    # 5 steps per epoch: the floor is 10 epochs (50 steps), but 6 epochs allow only 4 of warm-up.
+    method = make(train_set, warmup="auto", epochs=6)
+    with caplog.at_level("WARNING", logger="cdmix"):
+        for epoch in range(4):
+            method.train_epoch(seed_epoch(method.config, epoch))
+    assert method.warmup_end == 4 and method.warmup_reason == "auto: epoch cap"
+    assert "--epochs 6 cut the automatic warm-up to 4 epoch(s), 20 steps per net, below its 50-step floor" in caplog.text

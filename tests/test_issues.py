@@ -19,9 +19,52 @@ def test_write_and_read_ranked(tmp_path):
 
 
 def test_rank_order_most_suspicious_first():
-    assert rank_order(np.array([0.2, 0.9, 0.0])).tolist() == [2, 0, 1]
+    assert rank_order(np.array([0.8, 0.1, 1.0])).tolist() == [2, 0, 1]  # highest issue score first
 
 
 def test_missing_file_is_user_error(tmp_path):
     with pytest.raises(UserError, match="label_issues.csv"):
         rank_label_issues(tmp_path)
+
+
+def test_score_samples_ranks_by_the_given_labels_probability():
+    from cdmix.issues import score_samples
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    logits = np.eye(3)[labels] * 4 + rng.normal(0, 0.5, (200, 3))
+    wrong = np.arange(200) < 40
+    labels_given = labels.copy()
+    labels_given[wrong] = (labels[wrong] + 1) % 3
+    nets = [logits, logits + rng.normal(0, 0.1, logits.shape)]
+    fit = np.ones(200, dtype=bool)
+    fit[-20:] = False  # a held-out part, scored with the same GMM
+    scores = score_samples(nets, labels_given, fit)
+    assert scores["pred_probs"].shape == (200, 3) and scores["pred_probs"].dtype == np.float32
+    np.testing.assert_allclose(scores["pred_probs"].sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(scores["issue_score"], 1 - scores["pred_probs"][np.arange(200), labels_given], atol=1e-6)
+    assert wrong[rank_order(scores["issue_score"])[:40]].all()
+    assert (scores["clean_prob"][wrong] < 0.5).all() and (scores["clean_prob"][~wrong] > 0.5).mean() > 0.95
+
+
+def test_paths_class_names_and_held_out_rows_round_trip(tmp_path):
+    write_label_issues(tmp_path / "label_issues.csv", index=np.arange(3), given_label=np.array([0, 1, 1]),
+                       predicted_label=np.array([0, 0, 1]), clean_prob=np.array([0.9, 0.2, 0.7]),
+                       issue_score=np.array([0.1, 0.8, 0.3]), ids=["cat/a.png", "dog/b,1.png", "dog/c.png"],
+                       class_names=["cat", "dog"], scored=np.array(["in-sample", "in-sample", "held-out"]))
+    issues = rank_label_issues(tmp_path)
+    assert issues.ids.tolist() == ["dog/b,1.png", "dog/c.png", "cat/a.png"]
+    assert issues.given_class.tolist() == ["dog", "dog", "cat"] and issues.predicted_class[0] == "cat"
+    assert issues.scored.tolist() == ["in-sample", "held-out", "in-sample"] and issues.true_label is None
+    assert issues.flagged.tolist() == [True, False, False]
+    from cdmix.issues import cleaned_labels, format_table, write_cleaned_csv
+
+    lines = format_table(issues)
+    assert lines[0].split()[:5] == ["rank", "index", "id", "given", "predicted"] and "true" not in lines[0]
+    assert "dog/b,1.png" in lines[1] and "cat" in lines[1]
+    assert cleaned_labels(issues, "drop") == [(0, "cat/a.png", 0), (2, "dog/c.png", 1)]
+    assert cleaned_labels(issues, "relabel")[1] == (1, "dog/b,1.png", 0)
+    out = tmp_path / "clean" / "labels.csv"
+    out.parent.mkdir()
+    assert write_cleaned_csv(out, issues, ["cat", "dog"], "drop", data_root=tmp_path / "data") == 2
+    assert out.read_text().splitlines() == ["path,label", "../data/cat/a.png,cat", "../data/dog/c.png,dog"]

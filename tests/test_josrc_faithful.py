@@ -1,5 +1,6 @@
 """Jo-SRC as the official code runs its CIFAR experiment (issue: CIFAR-80N, CNN, Adam plan, fp32)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -98,3 +99,38 @@ def test_cifar100_images_as_open_set_of_cifar100_are_refused():
 
     with pytest.raises(UserError, match="--open-set-classes 20"):
         apply_open_set(_cifar100_shaped(per_class=2), 0.2, "cifar100:/some/folder", seed=0)
+
+
+def test_official_adam_plan_lr_and_beta1():
+    from cdmix.config import build_config, resolve
+    from cdmix.engine import beta1_at, lr_at
+
+    config = resolve(build_config(preset="josrc-cifar100"), num_classes=80, image_size=32)
+    assert config.optimizer == "adam" and config.weight_decay == 0.0 and config.epochs == 200
+    official_lr = {0: 1e-3, 79: 1e-3, 80: 1e-3 * 120 / 120, 150: 1e-3 * 50 / 120, 199: 1e-3 * 1 / 120}
+    for epoch, lr in official_lr.items():
+        assert lr_at(config, epoch) == pytest.approx(lr, rel=1e-12), epoch
+    assert [beta1_at(config, e) for e in (0, 79, 80, 150, 199)] == [0.9, 0.9, 0.1, 0.1, 0.1]
+
+
+def test_adam_plan_reaches_the_optimizer(tmp_path):
+    """A tiny run with the plan: the optimizer's betas and lr follow it epoch by epoch."""
+    from cdmix.config import build_config
+    from cdmix.engine import start_run
+
+    config = build_config(dataset="digits", method="josrc", optimizer="adam", schedule="josrc", lr=0.002,
+                          lr_step=1, epochs=3, warmup=1, out=str(tmp_path / "run"), progress=False)
+    result = start_run(config).run()
+    rows = result.metrics
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.002, 0.002 * 2 / 2, 0.002 * 1 / 2])
+    assert [float(r["beta1"]) for r in rows] == [0.9, 0.1, 0.1]
+
+
+def test_josrc_preset_states_its_official_values():
+    from cdmix.config import build_config
+
+    config = build_config(preset="josrc-cifar100")
+    assert (config.open_set_classes, config.noise_rate, config.noise_mode) == (20, 0.2, "sym")
+    assert (config.model, config.normalization, config.schedule, config.lr_step) == ("josrc_cnn", "imagenet",
+                                                                                        "josrc", 80)
+    assert config.amp is False and config.open_set_rate == 0.0

@@ -383,14 +383,11 @@ def test_tau_clean_josrc_schedule():
     assert L.tau_clean_josrc(0, 10, 200) == 0.0
     assert L.tau_clean_josrc(5, 10, 200) == pytest.approx(0.375)
     assert L.tau_clean_josrc(10, 10, 200) == pytest.approx(0.75)
-    assert L.tau_clean_josrc(199, 10, 200) == pytest.approx(0.95)
-    mid = 10 + 189 / 2
-    assert L.tau_clean_josrc(mid, 10, 200) == pytest.approx(0.85)
-    # official denominator: (epochs - warmup)
-    assert L.tau_clean_josrc(199, 10, 200, official_denominator=True) == pytest.approx(
-        0.75 + 0.2 * 189 / 190)
-    assert L.tau_clean_josrc(10, 10, 11) == pytest.approx(0.75)  # zero span guarded
-    assert L.tau_clean_josrc(3, 0, 5, tau=0.5, tau_max=0.9) == pytest.approx(0.5 + 0.4 * 3 / 4)
+    # official denominator (epochs - warmup): the last epoch stops one step short of tau_max
+    assert L.tau_clean_josrc(199, 10, 200) == pytest.approx(0.75 + 0.2 * 189 / 190)
+    assert L.tau_clean_josrc(105, 10, 200) == pytest.approx(0.85)
+    assert L.tau_clean_josrc(10, 10, 10) == pytest.approx(0.75)  # zero span guarded
+    assert L.tau_clean_josrc(3, 0, 5, tau=0.5, tau_max=0.9) == pytest.approx(0.5 + 0.4 * 3 / 5)
     assert L.tau_clean_josrc(500, 10, 200) == pytest.approx(0.95)  # never beyond tau_max
 
 

@@ -211,8 +211,11 @@ def test_apply_noise_without_file_and_zero_rate() -> None:
     noisy_raw, info = apply_noise(raw, "sym", 0.5, seed=0, noise_file=None)
     assert info["noise_source"] == "synthetic" and 0.35 < info["noise_rate_actual"] < 0.55
     clean_raw, info0 = apply_noise(raw, "sym", 0.0, seed=0, noise_file=None)
-    assert info0["noise_source"] == "none" and info0["noise_rate_actual"] == 0.0
-    assert np.array_equal(clean_raw.train_labels, clean_raw.train_true_labels)
+    assert info0["noise_source"] == "none" and info0["noise_rate_actual"] is None
+    # No noise added and no source of truth: the given labels are the data, the true labels unknown.
+    assert clean_raw.train_true_labels is None and np.array_equal(clean_raw.train_labels, raw.train_labels)
+    none_raw, _ = apply_noise(raw, None, None, seed=0, noise_file=None)
+    assert none_raw.train_true_labels is None
 
 
 def test_apply_noise_human_labels_untouched() -> None:

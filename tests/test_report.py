@@ -19,14 +19,16 @@ from cdmix.errors import UserError
 from cdmix.report import build_report, compare_runs, make_report, run_names
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-ALL_PLOTS = ("accuracy", "selection", "loss_hist", "training", "seconds", "confusion")
+ALL_PLOTS = ("accuracy", "selection", "warmup", "loss_hist", "training", "seconds", "confusion")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real DivideMix run on digits: 2 warm-up epochs, then 3 epochs with a division (true labels known)."""
+    """A real DivideMix run on digits: 2 warm-up epochs, then 3 epochs with a division (true labels known).
+    The warm-up is automatic with its step floor and ceiling at 2 epochs (19 steps each), so it ends after 2."""
     out = tmp_path_factory.mktemp("tiny_run")
-    cdmix.train(cdmix.Config(dataset="digits", epochs=5, warmup=2, batch_size=32, out=str(out), progress=False))
+    cdmix.train(cdmix.Config(dataset="digits", epochs=5, warmup="auto", warmup_min_steps=38, warmup_max_steps=38,
+                             batch_size=32, out=str(out), progress=False))
     return out
 
 
@@ -133,7 +135,7 @@ def test_tensorboard_events_hold_the_division(run_dir: Path) -> None:
         assert f"division/loss_{net}" in histograms and f"division/clean_prob_{net}" in histograms
         assert {f"division/gmm_means_{net}_0", f"division/gmm_means_{net}_1"} <= set(events.Tags()["scalars"])
     loss = events.Histograms("division/loss_net1")
-    assert [h.step for h in loss] == [2, 3, 4]  # every epoch after the 2 warm-up epochs
+    assert [h.step for h in loss] == [3, 4, 5]  # every epoch after the 2 warm-up epochs (1-based steps)
     assert loss[-1].histogram_value.num == len(np.load(run_dir / "division.npz")["loss_net1"])
 
 
@@ -149,8 +151,8 @@ def test_report_of_several_runs_and_a_run_missing_parts(run_dir: Path, stripped_
     for png in report.pngs:
         assert png.name in page
         assert_nontrivial_png(png)
-    # 1 overview + 6 plots of the full run + 4 of the copy (no division.npz, no label_issues.csv)
-    assert len(report.pngs) == 11
+    # 1 overview + 7 plots of the full run + 5 of the copy (no division.npz, no label_issues.csv)
+    assert len(report.pngs) == 13
     assert len(report.missing) == 2 and all(line.startswith("collapsed_copy") for line in report.missing)
     assert page.count('class="missing"') >= 3  # two plots and the config table, said on the page
     assert "no division.npz" in page and "no label_issues.csv" in page

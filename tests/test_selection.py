@@ -176,3 +176,27 @@ def test_blend_clean_prob():
     np.testing.assert_allclose(S.blend_clean_prob([0.3], [0.9], 1.0), [0.9])
     with pytest.raises(ValueError):
         S.blend_clean_prob([0.3], [0.9], 1.5)
+
+
+def test_gmm_separation_is_ashmans_d_and_ignores_a_sliver():
+    from cdmix.selection import gmm_separation
+
+    params = {"means": [0.1, 0.7], "variances": [0.01, 0.03], "weights": [0.6, 0.4]}
+    assert gmm_separation(params) == pytest.approx(0.6 / np.sqrt(0.02))
+    assert gmm_separation({**params, "weights": [0.98, 0.02]}) == 0.0  # a few outliers are not a split
+    assert gmm_separation({**params, "degenerate": True}) == 0.0
+
+
+def test_warmup_decision_floor_threshold_patience_ceiling_cap():
+    from cdmix.selection import warmup_decision
+
+    def decide(seps, per_epoch=10, lo=30, hi=1000, cap=100):
+        return warmup_decision(seps, per_epoch, lo, hi, cap)
+
+    assert decide([5.0, 5.0]) is None  # 20 steps: below the 30-step floor, however separated
+    assert decide([5.0, 5.0, 5.0]) == "separated"
+    assert decide([1.0, 1.5, 2.0, 2.5]) is None  # still improving
+    assert decide([1.0, 2.0, 2.6, 2.0, 1.6, 1.2]) == "separation stopped improving"
+    assert decide([1.0] * 5, hi=50) == "step ceiling"
+    assert decide([1.0] * 3, cap=3) == "epoch cap"
+    assert decide([]) is None

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cdmix.data import sources
-from cdmix.data.sources import decode_images_cached, extract_tar, file_md5, load_source, verify_md5
+from cdmix.data import store as image_store
+from cdmix.data.sources import extract_tar, file_md5, load_source, verify_md5
 from cdmix.data.types import channel_stats
 from cdmix.errors import UserError
 
@@ -116,6 +117,18 @@ def test_cifar10n_errors(tmp_path: Path, cifar10_root: Path, cifar10_subset, cif
     bad.write_bytes(cifar10n_file.read_bytes()[:1000])
     with pytest.raises(UserError, match="bad.pt could not be read"):
         load_source("cifar10n", str(cifar10_root), label_file=str(bad))
+
+
+def test_cifar_n_label_file_with_a_payload_does_not_run(tmp_path: Path, cifar10_root: Path, cifar10_subset,
+                                                        plant_payload) -> None:
+    """CIFAR-N label files are read before any check (and CIFAR-100N has no md5): never unpickled freely."""
+    n = len(cifar10_subset["train_labels"])
+    mark = tmp_path / "payload-ran"
+    planted = plant_payload(tmp_path / "CIFAR-10_human.pt", mark,
+                            lambda payload: {"worse_label": np.zeros(n, np.int64), "clean_label": payload})
+    with pytest.raises(UserError, match="could run code"):
+        load_source("cifar10n", str(cifar10_root), label_file=str(planted))
+    assert not mark.exists()
 
 
 def test_cifar100_and_cifar100n(tmp_path: Path, cifar100_root: Path, cifar100_subset, cifar100n_file: Path) -> None:
@@ -286,31 +299,35 @@ def test_folder_loader_split_and_cache(tmp_path: Path, monkeypatch: pytest.Monke
     assert raw.train_images.shape == (27, 8, 8, 3) and raw.test_images.shape == (3, 8, 8, 3)
     assert sorted(raw.test_labels.tolist()) == [0, 1, 2]  # stratified 10%
     assert raw.train_images.dtype == np.uint8 and raw.train_true_labels is None
-    cache_files = sorted(p.suffix for p in (root / ".cdmix_cache").iterdir())
-    assert cache_files == [".json", ".npy"]
+    stores = [p.name for p in (root / ".cdmix_cache").iterdir()]
+    assert len(stores) == 1 and stores[0].startswith("store_8px_")  # the decoded images: an image store
 
     def no_decoding(path, size):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(sources, "_decode_image", no_decoding)
+    monkeypatch.setattr(image_store, "decode_image", no_decoding)
     again = load_source("folder", str(root), image_size=8, seed=3, progress=False)
-    assert np.array_equal(again.train_images, raw.train_images)
+    assert np.array_equal(np.asarray(again.train_images), np.asarray(raw.train_images))
     assert np.array_equal(again.test_labels, raw.test_labels)
     assert again.class_names == raw.class_names  # the cache folder is not a class
-    with pytest.raises(AssertionError):  # another size is another cache entry
-        load_source("folder", str(root), image_size=16, progress=False)
+    with pytest.raises(UserError, match="none of the 30 images could be decoded .*cache should have been used"):
+        load_source("folder", str(root), image_size=16, progress=False)  # another size: decoded afresh
 
 
 def test_cache_invalidated_by_changed_file(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     _make_folder(root, per_class=3)
-    paths = sorted(root.rglob("*.png")) + sorted(root.rglob("*.PNG"))
-    first, hit1 = decode_images_cached(paths, 6, tmp_path / "cache", progress=False)
-    second, hit2 = decode_images_cached(paths, 6, tmp_path / "cache", progress=False)
-    assert (hit1, hit2) == (False, True) and np.array_equal(first, second)
-    _png(paths[0], seed=999, size=(20, 20))
-    third, hit3 = decode_images_cached(paths, 6, tmp_path / "cache", progress=False)
-    assert not hit3 and not np.array_equal(third[0], first[0])
+    cache = tmp_path / "cache"
+
+    def everything():
+        raw = load_source("folder", str(root), image_size=6, seed=0, cache_dir=str(cache), progress=False)
+        return np.concatenate([np.asarray(raw.train_images), np.asarray(raw.test_images)])
+
+    first, second = everything(), everything()
+    assert np.array_equal(first, second) and len(list(cache.iterdir())) == 1  # reused
+    _png(root / "cat" / "001.png", seed=999, size=(20, 20))
+    third = everything()
+    assert len(list(cache.iterdir())) == 2 and not np.array_equal(third, first)  # another store
 
 
 def test_folder_resize_is_bilinear_rgb(tmp_path: Path) -> None:
@@ -324,8 +341,10 @@ def test_folder_resize_is_bilinear_rgb(tmp_path: Path) -> None:
     raw = load_source("folder", str(root), seed=0, cache_dir=str(cache), progress=False)
     assert raw.image_size == 32 and raw.train_images.shape[1:] == (32, 32, 3)
     assert cache.is_dir() and not (root / ".cdmix_cache").exists()
-    expected = np.asarray(Image.open(root / "cat" / "000.PNG").convert("RGB").resize((32, 32), Image.BILINEAR))
-    images = np.concatenate([raw.train_images, raw.test_images])
+    # short side to 32, center square: the 12 x 10 image's middle 10 x 10 resized (bilinear)
+    expected = np.asarray(Image.open(root / "cat" / "000.PNG").convert("RGB").resize((32, 32), Image.BILINEAR,
+                                                                                     box=(1, 0, 11, 10)))
+    images = np.concatenate([np.asarray(raw.train_images), np.asarray(raw.test_images)])
     assert any(np.array_equal(img, expected) for img in images)
     assert any(np.all(np.abs(img.astype(int) - 200) <= 2) for img in images)  # gray jpeg -> RGB
 
@@ -352,8 +371,10 @@ def test_folder_errors(tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     _make_folder(broken, per_class=2)
     (broken / "dog" / "bad.png").write_bytes(b"\x89PNG garbage")
-    with pytest.raises(UserError, match="cannot decode image .*bad.png"):
-        load_source("folder", str(broken), progress=False)
+    raw = load_source("folder", str(broken), progress=False)  # an unreadable image is skipped and listed
+    assert len(raw.train_labels) + len(raw.test_labels) == 6
+    listed = next((broken / ".cdmix_cache").iterdir()) / "skipped.txt"
+    assert listed.read_text().startswith("dog/bad.png\t")
 
 
 def test_folder_tiny_class_falls_back_to_random_split(tmp_path: Path) -> None:
@@ -389,6 +410,12 @@ def test_csv_loader_without_split(tmp_path: Path) -> None:
     raw = load_source("csv", str(_make_csv(tmp_path, rows)), image_size=4, progress=False)
     assert raw.class_names == ["bird", "cat"]
     assert len(raw.train_labels) == 5 and len(raw.test_labels) == 1
+
+
+def test_csv_with_a_repeated_header_column_is_refused(tmp_path: Path) -> None:
+    rows = ["path,label,Label"] + [f"pics/{i}.png,{i % 2},{1 - i % 2}" for i in range(4)]
+    with pytest.raises(UserError, match="column\\(s\\) label appear more than once"):
+        load_source("csv", str(_make_csv(tmp_path, rows)), image_size=4, progress=False)
 
 
 def test_csv_errors(tmp_path: Path) -> None:

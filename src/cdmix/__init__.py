@@ -3,22 +3,92 @@
 Python API::
 
     import cdmix
-    result = cdmix.train(cdmix.Config(dataset="digits", noise_rate=0.4, out="runs/demo"))
+    result = cdmix.train(cdmix.Config(dataset="digits", out="runs/demo"))   # or settings as keywords
     issues = cdmix.rank_label_issues(result.run_dir)   # arrays, most suspicious first
+    model = cdmix.load_model(result.run_dir)           # model(images) -> N x C probabilities
+
+    # arrays in, scikit-learn / cleanlab style (nothing written unless out= is given)
+    ranked = cdmix.find_label_issues(images, labels, epochs=30)   # suspected label errors, worst first
 """
 
 from cdmix.config import Config, build_config
 from cdmix.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["Config", "build_config", "UserError", "train", "resume", "rank_label_issues", "RunResult"]
+__all__ = ["Config", "build_config", "UserError", "train", "resume", "rank_label_issues", "find_label_issues",
+           "load_model", "RunResult", "LabelIssueResult"]
+
+_ARRAY_KEYWORDS = ("test_images", "test_labels", "class_names", "ids", "true_labels")
 
 
-def train(config: Config):
-    """Train a run described by ``config``; returns ``RunResult(run_dir, test_acc_best, test_acc_last, summary, metrics)``."""
+def train(config=None, labels=None, **settings):
+    """Train a run; returns ``RunResult(run_dir, test_acc_best, test_acc_last, summary, metrics, scores, model)``.
+
+    - ``cdmix.train(cdmix.Config(...))``: the run a Config describes (``settings`` replace its fields);
+    - ``cdmix.train(dataset="digits", epochs=20)``: settings as keywords (``cdmix.build_config``);
+    - ``cdmix.train(images, labels, epochs=30, out="runs/mine")``: your own arrays, trained on directly.
+      images: uint8 N x H x W (x C), square; labels: (N,) class indices or class names. Optional
+      keywords: test_images, test_labels (a test set), class_names, ids (names of the samples, the
+      ``id`` column of the label issues), true_labels (where known). A run folder (which keeps the
+      arrays, so it can be resumed) is written only when ``out`` is given; without one,
+      ``run_dir`` is None and ``scores`` / ``model`` hold the results.
+
+    ``scores``: every training sample scored by the final nets (``cdmix.issues.score_samples``:
+    pred_probs, issue_score, clean_prob, loss, in_sample); ``model``: the final nets for inference.
+    """
     from cdmix.engine import train as _train
 
+    if labels is not None or (config is not None and not isinstance(config, Config)):
+        from cdmix.data.arrays import raw_from_arrays
+
+        if labels is None:
+            raise UserError("cdmix.train(images, labels): give one label per image")
+        array_kw = {k: settings.pop(k) for k in _ARRAY_KEYWORDS if k in settings}
+        raw = raw_from_arrays(config, labels, **array_kw)
+        return _train(build_config(**{"dataset": "arrays", "data_path": "", **settings}), raw)
+    if config is None:
+        config = build_config(**settings)
+    elif settings:
+        config = config.replace(**settings)
     return _train(config)
+
+
+def find_label_issues(images, labels, *, return_result: bool = False, verbose: bool = False, **settings):
+    """Train on ``(images, labels)`` and find the samples whose label is probably wrong.
+
+    images: uint8 N x H x W (x C), square; labels: (N,) class indices or class names. ``settings``:
+    any ``cdmix.Config`` field (method, epochs, model, width, ...; ``val_fraction`` defaults to 0 here,
+    so every sample is trained on and scored in-sample) and the keywords of ``cdmix.train`` for
+    arrays (test_images, test_labels, class_names, ids, true_labels). Nothing is written unless
+    ``out`` is given. ``verbose``: print the per-epoch lines.
+
+    Returns:
+        int64 indices of the flagged samples (clean_prob < 0.5), most suspicious first (highest
+        issue_score); with ``return_result=True``, ``(indices, LabelIssueResult)``, whose arrays
+        cover every sample (``ranking``: all N indices, most suspicious first; ``issue_score``,
+        ``clean_prob``, ``pred_probs``, ``predicted_label``, ``flagged``) and ``run`` the RunResult.
+    """
+    import contextlib
+    import io
+
+    from cdmix.issues import LabelIssueResult
+
+    settings.setdefault("val_fraction", 0.0)
+    settings.setdefault("progress", False)
+    quiet = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
+    with quiet:
+        run = train(images, labels, **settings)
+    result = LabelIssueResult.from_run(run)
+    return (result.issues, result) if return_result else result.issues
+
+
+def load_model(run_dir, device: str = "cpu"):
+    """A finished run's final nets, ready for inference: ``model(images)`` gives N x C class
+    probabilities (mean softmax of the nets), ``model.predict(images)`` class indices,
+    ``model.class_names`` their names. Images: uint8 N x H x W (x C); see ``cdmix.predict``."""
+    from cdmix.predict import load_model as _load
+
+    return _load(run_dir, device=device)
 
 
 def resume(run_dir):
@@ -40,4 +110,8 @@ def __getattr__(name):
         from cdmix.engine import RunResult
 
         return RunResult
+    if name == "LabelIssueResult":
+        from cdmix.issues import LabelIssueResult
+
+        return LabelIssueResult
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""``cdmix`` command line: train | resume | evaluate | noise | presets | issues | report | compare | bench."""
+"""``cdmix`` command line: train | resume | evaluate | noise | presets | issues | prepare | report | compare | bench."""
 
 from __future__ import annotations
 
@@ -16,9 +16,19 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message)
 
 
+def _int_or_word(text: str):
+    """An ``int | str`` flag (``--warmup 10`` or ``--warmup auto``)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
 def _flag_type(annotation: str):
     if "bool" in annotation:
         return bool
+    if "int | str" in annotation:
+        return _int_or_word
     if "int" in annotation:
         return int
     if "float" in annotation:
@@ -78,8 +88,11 @@ def finish(result) -> int:
 
 def print_end(result) -> None:
     s = result.summary
-    print(f"test accuracy: best {s['test_acc_best']:.2f}% (epoch {s['test_acc_best_epoch'] + 1}), "
-          f"last {s['test_acc_last']:.2f}%")
+    if s.get("test_acc_best") is None:
+        print("test accuracy: not measured (no test set)")
+    else:
+        print(f"test accuracy: best {s['test_acc_best']:.2f}% (epoch {s['test_acc_best_epoch']}), "
+              f"last {s['test_acc_last']:.2f}%")
     import math
 
     from cdmix.runs import read_metrics
@@ -104,11 +117,21 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_noise(args) -> int:
+    import os
+    from pathlib import Path
+
+    from cdmix.config import bounds_error
     from cdmix.data.noise import make_noisy_labels, noise_rate_actual, write_noise_file
     from cdmix.data.sources import load_source
+    from cdmix.runs import refuse_run_file
 
-    if not 0.0 <= args.noise_rate <= 1.0:
-        raise UserError(f"noise rate must be in [0, 1], got {args.noise_rate}")
+    for name in ("noise_rate", "seed"):  # the same bounds as the train flags
+        problem = bounds_error(name, getattr(args, name))
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')} {problem}")
+    if Path(args.output).is_dir() or args.output.endswith(("/", os.sep)):
+        raise UserError(f"{args.output} is a folder; give the name of the JSON file to write")
+    refuse_run_file(args.output, "output")
     raw = load_source(args.dataset, args.data_path, download=args.download, seed=args.seed)
     if raw.train_true_labels is not None:
         raise UserError(f"{args.dataset} already carries human label noise; synthetic noise files are "
@@ -133,19 +156,54 @@ def cmd_presets(args) -> int:
 
 
 def cmd_issues(args) -> int:
-    from cdmix.issues import rank_label_issues
+    from cdmix.issues import format_table, rank_label_issues
 
-    issues = rank_label_issues(args.run_dir, top=args.top)
-    header = f"{'rank':>5} {'index':>7} {'given':>6} {'predicted':>9} {'clean_prob':>10}"
-    if issues.true_label is not None:
-        header += f" {'true':>5}"
-    print(header)
-    for i in range(len(issues)):
-        line = (f"{i + 1:>5} {issues.index[i]:>7} {issues.given_label[i]:>6} {issues.predicted_label[i]:>9} "
-                f"{issues.clean_prob[i]:>10.4f}")
-        if issues.true_label is not None:
-            line += f" {issues.true_label[i]:>5}"
-        print(line)
+    if args.top is not None and args.top < 1:
+        raise UserError(f"--top must be at least 1, got {args.top}")
+    if args.html is not None:
+        from cdmix.report.review import write_review_page
+
+        page = write_review_page(args.run_dir, args.html or None, top=args.top or 100)
+        print(f"wrote {page}\nopen it in a browser: {page.resolve().as_uri()}")
+    if args.clean_csv:
+        from cdmix.issues import write_cleaned_csv
+        from cdmix.report.review import run_class_names, run_data_root
+
+        all_issues = rank_label_issues(args.run_dir)
+        n = write_cleaned_csv(args.clean_csv, all_issues, run_class_names(args.run_dir), args.fix,
+                              run_data_root(args.run_dir))
+        flagged = int(all_issues.flagged.sum())
+        what = "left out" if args.fix == "drop" else "relabelled with the predicted class"
+        print(f"wrote {args.clean_csv}: {n} labels ({flagged} flagged samples {what})")
+    if args.html is None and not args.clean_csv or args.top is not None:
+        for line in format_table(rank_label_issues(args.run_dir, top=args.top or 20)):
+            print(line)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from cdmix.predict import describe, load_model, predict_files
+
+    model = load_model(args.run_dir)
+    files, probs = predict_files(model, args.images)
+    rows = describe(probs, model.class_names)
+    width = max(len(str(f)) for f in files)
+    print(f"{'image':<{width}}  {'predicted':<12}  prob")
+    for path, row in zip(files, rows):
+        print(f"{str(path):<{width}}  {row['class']:<12}  {row['prob']:.3f}")
+    if args.csv:
+        import csv
+        import io
+
+        from cdmix.atomic import atomic_write
+
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["path", "label", "prob", *model.class_names])
+        for path, row, p in zip(files, rows, probs):
+            writer.writerow([str(path), row["class"], f"{row['prob']:.6f}", *(f"{v:.6f}" for v in p)])
+        atomic_write(args.csv, out.getvalue())
+        print(f"wrote {args.csv}")
     return 0
 
 
@@ -183,13 +241,77 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the published settings with the accuracy they should reach")
     p.set_defaults(func=cmd_presets)
 
-    p = sub.add_parser("issues", help="training samples ranked by how likely their label is wrong")
+    p = sub.add_parser("issues", help="training samples ranked by how likely their label is wrong",
+                       description="Print the most suspicious training samples (rank, index, the path or id where "
+                                   "the data has one, given and predicted class, clean_prob, issue_score); write a "
+                                   "review page with thumbnails (--html) or the cleaned labels (--clean-csv).")
     p.add_argument("run_dir")
-    p.add_argument("--top", type=int, default=20, help="show the K most suspicious (default 20)")
+    p.add_argument("--top", type=int, default=None,
+                   help="the K most suspicious (default 20 printed, 100 on the --html page)")
+    p.add_argument("--html", nargs="?", const="", default=None, metavar="PATH",
+                   help="write the review page of the top suspects as thumbnails (default RUN_DIR/issues.html)")
+    p.add_argument("--clean-csv", metavar="PATH", help="write the cleaned labels as a CSV (path,label for "
+                   "folder/csv data, a --dataset csv source; else index,label)")
+    p.add_argument("--fix", choices=("drop", "relabel"), default="drop",
+                   help="--clean-csv: leave the flagged samples (clean_prob < 0.5) out, or give them the "
+                        "predicted class (default drop)")
     p.set_defaults(func=cmd_issues)
 
+    p = sub.add_parser("predict", help="classify images with a finished run's nets",
+                       description="Classify image files or folders of them with the final nets of a run "
+                                   "(mean softmax of its nets), decoded and resized as its training images were.")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--csv", help="also write path,label,prob and every class's probability to this CSV")
+    p.set_defaults(func=cmd_predict)
+
+    add_prepare_parser(sub)
     add_report_parsers(sub)
     return parser
+
+
+def add_prepare_parser(sub) -> None:
+    p = sub.add_parser(
+        "prepare", help="decode an image folder, csv or npz once into an image store (for data that does not fit "
+                        "in memory, or large images); train on it with --dataset store --data-path STORE",
+        description="Decode every image of SOURCE (a folder with one sub-folder per class, optionally under "
+                    "train/ and test/; a path,label[,split] CSV; or an npz) into STORE: the short side resized to "
+                    "--size, the center square kept, one memory-mappable uint8 array. Unreadable images are skipped "
+                    "and listed in STORE/skipped.txt. A killed build continues where it stopped when run again; a "
+                    "finished store is never rebuilt.")
+    p.add_argument("source", metavar="SOURCE", help="image folder, .csv or .npz file")
+    p.add_argument("--out", required=True, metavar="STORE", help="the store folder to write (new, or unfinished)")
+    p.add_argument("--size", type=int, default=256, help="image size in pixels (default 256: 224 px training crops)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: the number of cores)")
+    p.add_argument("--dataset", choices=("folder", "csv", "npz"), default=None,
+                   help="what SOURCE is (default: from the path)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_prepare)
+
+
+def cmd_prepare(args) -> int:
+    import time
+
+    from cdmix.data.sources import prepare_store
+    from cdmix.data.store import SKIPPED
+
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be 1 or more, got {args.workers}")
+    t0 = time.perf_counter()
+    try:
+        store = prepare_store(args.source, args.out, args.size, workers=args.workers, kind=args.dataset,
+                              progress=args.progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the decoded images are kept; run the same command again to finish {args.out}",
+              file=sys.stderr)
+        return 130
+    seconds = time.perf_counter() - t0
+    skipped = store.skipped_count()
+    print(f"{store.path}: {len(store) - skipped} images at {store.size}px, {len(store.class_names)} classes"
+          + (f", {skipped} unreadable skipped (listed in {store.path / SKIPPED})" if skipped else "")
+          + ("  (complete already: reused, nothing decoded)" if store.reused else f"  [{seconds:.1f}s]"))
+    print(f"train on it: cdmix train --dataset store --data-path {store.path}")
+    return 0
 
 
 # ----- report | compare | bench: parsers that import nothing heavy; each command imports what it runs

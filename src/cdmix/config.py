@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -17,16 +20,68 @@ from typing import Any
 
 from cdmix.errors import UserError
 
-DATASETS = ("digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "folder", "csv", "npz")
+DATASETS = ("digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "folder", "csv", "npz", "store", "arrays")
+DATA_PLACEMENTS = ("auto", "device", "host", "disk")
 METHODS = ("standard", "dividemix", "josrc", "hybrid")
 NOISE_MODES = ("sym", "sym-exclusive", "asym", "pairflip")
 CIFARN_LABEL_SETS = ("worst", "aggre", "random1", "random2", "random3", "noisy")
+# ``--warmup auto`` (see ``cdmix.warmup``): floor and ceiling of the warm-up in optimiser steps per net.
+WARMUP_MIN_STEPS = 200
+WARMUP_MAX_STEPS = 4000
+AUTO_WARMUP_METHODS = ("dividemix",)
+DIGITS_EPOCHS = 40  # the built-in demo: room for the auto warm-up's 200-step floor and 15+ DivideMix epochs
 GROUPS = ("data", "model", "method", "Jo-SRC & hybrid", "stabilisers", "optimisation", "system")
 
 
-def setting(default: Any, group: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A Config field whose CLI flag help, argparse group and allowed values live with it."""
-    return field(default=default, metadata={"group": group, "help": help, "choices": choices})
+def setting(default: Any, group: str, help: str, choices: tuple[str, ...] | None = None,
+            bounds: str | None = None) -> Any:
+    """A Config field whose CLI flag help, argparse group and allowed values live with it.
+
+    ``bounds``: the interval a number must lie in, written "[0, 1]", "(0, inf)", "[1, inf)", ...
+    (square bracket: the end is allowed). NaN and infinity are never allowed.
+    """
+    return field(default=default, metadata={"group": group, "help": help, "choices": choices, "bounds": bounds})
+
+
+def _interval(bounds: str) -> tuple[float, float, bool, bool]:
+    low, high = (float(v) for v in bounds[1:-1].split(","))
+    return low, high, bounds[0] == "[", bounds[-1] == "]"
+
+
+def _interval_text(bounds: str) -> str:
+    low, high, low_in, high_in = _interval(bounds)
+    if high == math.inf:
+        return f"{low:g} or more" if low_in else f"greater than {low:g}"
+    return f"in {bounds}"
+
+
+def type_error(name: str, value: Any) -> str | None:
+    """Why ``value`` does not fit the type of setting ``name`` (None when it does)."""
+    kinds = FIELD_TYPES[name].replace(" ", "").split("|")
+    if value is None:
+        return None if "None" in kinds else "must be given"
+    is_bool = isinstance(value, bool)
+    if ("bool" in kinds and is_bool) or ("str" in kinds and isinstance(value, str)):
+        return None
+    if "int" in kinds and isinstance(value, numbers.Integral) and not is_bool:
+        return None
+    if "float" in kinds and isinstance(value, numbers.Real) and not is_bool:
+        return None
+    wanted = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "text"}
+    return f"must be {' or '.join(wanted[k] for k in kinds if k in wanted)}, got {value!r}"
+
+
+def bounds_error(name: str, value: Any) -> str | None:
+    """Why a numeric ``value`` is outside the bounds of setting ``name`` (None when it is inside)."""
+    bounds = FIELDS[name].metadata.get("bounds")
+    if bounds is None or not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return None
+    low, high, low_in, high_in = _interval(bounds)
+    if not math.isfinite(value):
+        return f"must be a finite number ({_interval_text(bounds)}), got {value}"
+    if value < low or (value == low and not low_in) or value > high or (value == high and not high_in):
+        return f"must be {_interval_text(bounds)}, got {value}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -38,81 +93,118 @@ class Config:
                                  CIFARN_LABEL_SETS)
     label_file: str | None = setting(None, "data", "path of CIFAR-10_human.pt / CIFAR-100_human.pt")
     download: bool = setting(False, "data", "download CIFAR / CIFAR-N files when missing (never done without this flag)")
-    image_size: int | None = setting(None, "data", "resize folder/csv images to this size (default 32)")
+    image_size: int | None = setting(None, "data", "folder/csv images: short side resized to this size, center "
+                                     "crop (default 32; see `cdmix prepare` for large data)",
+                                     bounds="[1, inf)")
     normalization: str | None = setting(None, "data", "per-channel normalisation: the dataset's own statistics "
                                         "or ImageNet's (default: imagenet with --pretrained weights, else dataset)",
                                         ("dataset", "imagenet"))
-    noise_mode: str = setting("sym", "data", "synthetic noise mode", NOISE_MODES)
-    noise_rate: float = setting(0.4, "data", "synthetic noise rate in [0, 1]")
+    data_placement: str = setting("auto", "data", "where the training images live: device (one uint8 tensor on the "
+                                  "device), host (memory), disk (read from the image store by index); auto: device "
+                                  "when they take < 25%% of the free device memory, else disk", DATA_PLACEMENTS)
+    crop_size: int | None = setting(None, "data", "training crop (random crop + flip; evaluation: center crop). "
+                                    "Default: images up to 64 px keep their size (padded random crop, as CIFAR), "
+                                    "larger ones round(0.875 x size), e.g. 224 of 256", bounds="[1, inf)")
+    random_resized_crop: bool = setting(False, "data", "train on RandomResizedCrop (area 8-100%%, aspect 3/4-4/3) "
+                                        "to the crop size instead of a random crop")
+    # Synthetic noise only when asked for: the user's own labels are the data, not a noise experiment.
+    noise_mode: str | None = setting(None, "data", "synthetic noise mode (sym when noise is asked for without one)",
+                                     NOISE_MODES)
+    noise_rate: float | None = setting(None, "data", "synthetic noise rate in [0, 1] (default: 0.4 on digits, the "
+                                       "built-in demo; no synthetic noise on any other source unless asked for)",
+                                       bounds="[0, 1]")
     noise_file: str | None = setting(None, "data", "read (or write, if missing) the noisy labels as a DivideMix JSON list")
     # Held-out part of the (noisy) training set: best.pt and the collapse guard use its accuracy,
     # so the test set is not used for model selection. Faithful presets set 0 (official code).
-    val_fraction: float = setting(0.1, "data", "hold out this part of the training data for model selection")
+    val_fraction: float = setting(0.1, "data", "hold out this part of the training data for model selection",
+                                  bounds="[0, 0.9)")
     open_set_classes: int = setting(0, "data", "Jo-SRC's open set: the last K classes' images relabelled over "
-                                    "the others, noise among the rest (CIFAR-80N: cifar100 with 20)")
+                                    "the others, noise among the rest (CIFAR-80N: cifar100 with 20)", bounds="[0, inf)")
     open_set_rate: float = setting(0.0, "data", "replace this part of the training images with synthetic "
-                                   "open-set images (--open-set-source)")
+                                   "open-set images (--open-set-source)", bounds="[0, 1)")
     open_set_source: str = setting("noise", "data", "open-set images: noise | digits | npz:PATH | cifar100:PATH "
                                    "(an .npz or cifar-100-python folder)")
     # --- model
     model: str | None = setting(None, "model", "preact_resnet18 | wrn28 | small_cnn (default: per dataset)")
-    width: int | None = setting(None, "model", "model width (base channels; widen factor for wrn28)")
+    width: int | None = setting(None, "model", "model width (base channels; widen factor for wrn28)", bounds="[1, inf)")
+    pretrained: str | None = setting(None, "model", "start from this local .pth/.pt/.safetensors state dict (e.g. "
+                                     "ImageNet resnet50 weights; its sha256 is recorded in the run folder)")
     # --- method (DivideMix defaults from REFERENCE §2)
     method: str = setting("dividemix", "method", "training method", METHODS)
-    warmup: int | None = setting(None, "method", "warm-up epochs of plain cross-entropy (default: per dataset)")
-    lambda_u: float = setting(25.0, "method", "weight of the unlabeled loss (DivideMix)")
-    p_threshold: float = setting(0.5, "method", "clean probability threshold of the division")
-    alpha: float = setting(4.0, "method", "MixUp Beta(alpha, alpha)")
-    temperature: float = setting(0.5, "method", "sharpening temperature")
-    loss_history: int = setting(1, "method", "average per-sample losses over this many epochs (5 for 90%% noise)")
+    warmup: int | str | None = setting(None, "method", "warm-up epochs of plain cross-entropy, or auto: end it when "
+                                       "the per-sample loss distribution has separated (default: auto for "
+                                       "dividemix; presets use the official fixed value)", bounds="[0, inf)")
+    warmup_min_steps: int = setting(WARMUP_MIN_STEPS, "method", "--warmup auto: at least this many optimiser steps "
+                                    "per net, or 10 epochs when those come first", bounds="[1, inf)")
+    warmup_max_steps: int = setting(WARMUP_MAX_STEPS, "method", "--warmup auto: at most this many optimiser steps "
+                                    "per net (and never past two thirds of the epochs)", bounds="[1, inf)")
+    lambda_u: float = setting(25.0, "method", "weight of the unlabeled loss (DivideMix)", bounds="[0, inf)")
+    p_threshold: float = setting(0.5, "method", "clean probability threshold of the division", bounds="[0, 1]")
+    alpha: float = setting(4.0, "method", "MixUp Beta(alpha, alpha)", bounds="(0, inf)")
+    temperature: float = setting(0.5, "method", "sharpening temperature", bounds="(0, inf)")
+    loss_history: int = setting(1, "method", "average per-sample losses over this many epochs (5 for 90%% noise)",
+                                bounds="[1, inf)")
     neg_entropy: bool | None = setting(None, "method", "confidence penalty in warm-up (default: on for asym noise)")
-    rampup_epochs: int = setting(16, "method", "epochs of the linear lambda_u ramp after warm-up")
+    rampup_epochs: int = setting(16, "method", "epochs of the linear lambda_u ramp after warm-up", bounds="[0, inf)")
     faithful_order: bool = setting(True, "method", "official train-mode co-guess forwards, one per view "
                                    "(--no-faithful-order batches them)")
     # --- Jo-SRC / hybrid (REFERENCE §3, §4)
-    ema_decay: float = setting(0.99, "Jo-SRC & hybrid", "EMA decay of the mean teacher")
-    tau_clean: float = setting(0.75, "Jo-SRC & hybrid", "Jo-SRC clean threshold at the end of warm-up")
-    tau_clean_max: float = setting(0.95, "Jo-SRC & hybrid", "clean threshold at the last epoch")
-    smooth_eps: float = setting(0.6, "Jo-SRC & hybrid", "label smoothing of the JS clean likelihood")
-    josrc_alpha: float = setting(0.5, "Jo-SRC & hybrid", "weight of the consistency loss in Jo-SRC")
-    ood_temperature: float = setting(10.0, "Jo-SRC & hybrid", "temperature of the OOD (flattened) targets")
-    lambda_cons: float = setting(1.0, "Jo-SRC & hybrid", "weight of the Jo-SRC consistency loss (hybrid)")
+    ema_decay: float = setting(0.99, "Jo-SRC & hybrid", "EMA decay of the mean teacher", bounds="[0, 1]")
+    tau_clean: float = setting(0.75, "Jo-SRC & hybrid", "Jo-SRC clean threshold at the end of warm-up", bounds="[0, 1]")
+    tau_clean_max: float = setting(0.95, "Jo-SRC & hybrid", "clean threshold at the last epoch", bounds="[0, 1]")
+    smooth_eps: float = setting(0.6, "Jo-SRC & hybrid", "label smoothing of the JS clean likelihood", bounds="[0, 1]")
+    josrc_alpha: float = setting(0.5, "Jo-SRC & hybrid", "weight of the consistency loss in Jo-SRC", bounds="[0, inf)")
+    ood_temperature: float = setting(10.0, "Jo-SRC & hybrid", "temperature of the OOD (flattened) targets",
+                                     bounds="(0, inf)")
+    lambda_cons: float = setting(1.0, "Jo-SRC & hybrid", "weight of the Jo-SRC consistency loss (hybrid)",
+                                 bounds="[0, inf)")
     # --- stabilisers (off in faithful presets)
     stab_temperature_decay: bool = setting(False, "stabilisers", "late training: T rises to 1, lambda_u falls to half")
-    stab_teacher_cap: float = setting(1.0, "stabilisers", "cap the pseudo-labels' top probability (1.0 = no cap)")
+    stab_teacher_cap: float = setting(1.0, "stabilisers", "cap the pseudo-labels' top probability (1.0 = no cap)",
+                                      bounds="(0, 1]")
     stab_gmm_running_mean: bool = setting(False, "stabilisers", "smooth the loss GMM across epochs (blends it in)")
-    stab_blend_selection: float = setting(0.0, "stabilisers", "weight of the JS likelihood blended with the GMM prob")
-    stab_second_warmup: int = setting(0, "stabilisers", "epochs of CE on the selected set halfway through")
-    stab_slow_ema: float = setting(0.0, "stabilisers", "EMA decay after warm-up (0 = off)")
+    stab_blend_selection: float = setting(0.0, "stabilisers", "weight of the JS likelihood blended with the GMM prob",
+                                          bounds="[0, 1]")
+    stab_second_warmup: int = setting(0, "stabilisers", "epochs of CE on the selected set halfway through",
+                                      bounds="[0, inf)")
+    stab_slow_ema: float = setting(0.0, "stabilisers", "EMA decay after warm-up (0 = off)", bounds="[0, 1)")
     stab_strong_aug: bool = setting(False, "stabilisers", "strong augmentation for the trained nets")
-    stab_confidence_penalty: float = setting(0.0, "stabilisers", "weight of a confidence penalty")
-    stab_label_smoothing: float = setting(0.0, "stabilisers", "label smoothing of warm-up CE and Lx")
+    stab_confidence_penalty: float = setting(0.0, "stabilisers", "weight of a confidence penalty", bounds="[0, inf)")
+    stab_label_smoothing: float = setting(0.0, "stabilisers", "label smoothing of warm-up CE and Lx", bounds="[0, 1)")
     stab_per_class_threshold: bool = setting(False, "stabilisers", "per-class selection thresholds")
     stab_soft_ood: bool = setting(False, "stabilisers", "soft OOD weight from the two views' disagreement")
-    stab_swa_start: int = setting(0, "stabilisers", "epoch SWA averaging starts (0 = off)")
+    stab_swa_start: int = setting(0, "stabilisers", "epoch SWA averaging starts (0 = off)", bounds="[0, inf)")
     on_collapse: str = setting("warn", "stabilisers", "on a collapse: warn, or rollback (restore best.pt, cut lr "
                                "and pseudo-label weight)", ("warn", "rollback"))
-    collapse_drop: float = setting(10.0, "stabilisers", "accuracy points below the best that count as a collapse")
+    collapse_drop: float = setting(10.0, "stabilisers", "accuracy points below the best that count as a collapse",
+                                   bounds="[0, inf)")
     # --- optimisation
-    epochs: int | None = setting(None, "optimisation", "number of epochs (default: per dataset)")
-    batch_size: int = setting(64, "optimisation", "batch size per process (DivideMix warm-up uses twice this)")
-    lr: float = setting(0.02, "optimisation", "learning rate")
+    epochs: int | None = setting(None, "optimisation", "number of epochs (default: per dataset)", bounds="[1, inf)")
+    batch_size: int = setting(64, "optimisation", "batch size per process (DivideMix warm-up uses twice this)",
+                              bounds="[1, inf)")
+    lr: float = setting(0.02, "optimisation", "learning rate", bounds="(0, inf)")
     optimizer: str = setting("sgd", "optimisation", "sgd (momentum, DivideMix) or adam (official Jo-SRC CIFAR run)",
                              ("sgd", "adam"))
-    momentum: float = setting(0.9, "optimisation", "SGD momentum")
-    weight_decay: float = setting(5e-4, "optimisation", "weight decay")
-    schedule: str = setting("step", "optimisation", "lr schedule", ("step", "cosine"))
-    lr_step: int | None = setting(None, "optimisation", "step schedule: lr /10 from this epoch (default epochs // 2)")
+    momentum: float = setting(0.9, "optimisation", "SGD momentum (Adam: beta1)", bounds="[0, 1)")
+    weight_decay: float = setting(5e-4, "optimisation", "weight decay", bounds="[0, inf)")
+    schedule: str = setting("step", "optimisation", "lr schedule: step (/10 at --lr-step), cosine, or josrc (the "
+                            "official Jo-SRC Adam plan: constant to --lr-step, then linear to 0, beta1 0.1)",
+                            ("step", "cosine", "josrc"))
+    lr_step: int | None = setting(None, "optimisation", "step/josrc schedule: the decay starts after this many epochs "
+                                  "(default: half the epochs; dividemix: half of those after the warm-up)",
+                                  bounds="[0, inf)")
     # --- system
-    seed: int = setting(0, "system", "random seed")
+    seed: int = setting(0, "system", "random seed", bounds="[0, 4294967295]")
     device: str = setting("auto", "system", "auto | cpu | cuda | cuda:N")
     amp: bool | None = setting(None, "system", "bf16 autocast (default: on for CUDA, off for CPU)")
     compile: bool = setting(False, "system", "torch.compile the models (falls back to eager when unavailable)")
     sync_bn: bool = setting(False, "system", "under torchrun: synchronise BatchNorm statistics across ranks")
     eval_batch_size: int | None = setting(None, "system", "batch size of the loss and test passes "
-                                          "(default 1024 on CUDA, 64 on CPU: measured 2.6x faster there)")
+                                          "(default 1024 on CUDA, 64 on CPU: measured 2.6x faster there)",
+                                          bounds="[1, inf)")
     out: str | None = setting(None, "system", "run folder (default runs/<dataset>-<method>-<time>)")
-    overwrite: bool = setting(False, "system", "replace an existing run in --out")
+    overwrite: bool = setting(False, "system", "replace the cdmix run in --out (only the run's own files are "
+                              "removed; a folder that is not a cdmix run is never touched)")
     preset: str | None = setting(None, "system", "a published setting (see `cdmix presets`)")
     progress: bool = setting(True, "system", "progress bars (--no-progress: one line per epoch only)")
 
@@ -132,6 +224,11 @@ class Config:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+FIELDS = {f.name: f for f in fields(Config)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -140,9 +237,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} does not exist")
     try:
         with path.open("rb") as fh:
-            return tomllib.load(fh)
+            values = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"config file {path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    for name, value in values.items():
+        problem = type_error(name, value) if name in FIELD_TYPES else None
+        if problem:
+            raise UserError(f"config file {path}: {name} {problem}")
+    return values
 
 
 def preset_names() -> list[str]:
@@ -180,39 +286,51 @@ def build_config(preset: str | None = None, config_file: str | None = None, **ov
 
 
 def validate(config: Config) -> None:
+    """Raise ``UserError`` for the first setting of the wrong type, outside its ``choices`` or its
+    ``bounds`` (NaN and infinity included), or inconsistent with another; done before any data loads."""
     for f in fields(Config):
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
+        what = f.name.replace("_", " ")
+        problem = type_error(f.name, value) or bounds_error(f.name, value)
+        if problem:
+            raise UserError(f"{what} ({flag(f.name)}) {problem}")
         if choices and value is not None and value not in choices:
-            what = f.name.replace("_", " ")
             raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-    if not 0.0 <= config.noise_rate <= 1.0:
-        raise UserError(f"noise rate must be in [0, 1], got {config.noise_rate}")
-    if config.open_set_classes < 0:
-        raise UserError(f"--open-set-classes must be 0 or more, got {config.open_set_classes}")
+    if isinstance(config.warmup, str) and config.warmup != "auto" or (
+            isinstance(config.warmup, int) and config.warmup < 0):
+        raise UserError(f"--warmup must be a number of epochs (0 or more) or auto, got {config.warmup!r}")
+    if config.warmup == "auto" and config.method not in AUTO_WARMUP_METHODS:
+        raise UserError(f"--warmup auto is for {', '.join(AUTO_WARMUP_METHODS)}; give --method "
+                        f"{config.method} a number of warm-up epochs")
+    if not 1 <= config.warmup_min_steps <= config.warmup_max_steps:
+        raise UserError("--warmup-min-steps must be at least 1 and at most --warmup-max-steps")
     if config.open_set_classes and config.open_set_rate:
         raise UserError("--open-set-classes and --open-set-rate are two different open-set settings; use one")
-    if not 0.0 <= config.open_set_rate < 1.0:
-        raise UserError(f"open-set rate must be in [0, 1), got {config.open_set_rate}")
-    if not 0.0 <= config.val_fraction < 0.9:
-        raise UserError(f"validation fraction must be in [0, 0.9), got {config.val_fraction}")
-    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
-        raise UserError(f"unknown device {config.device!r}; use auto, cpu or cuda")
-    if not 0.0 < config.stab_teacher_cap <= 1.0:
-        raise UserError(f"teacher confidence cap must be in (0, 1], got {config.stab_teacher_cap}")
-    if not 0.0 <= config.stab_blend_selection <= 1.0:
-        raise UserError(f"selection blend weight must be in [0, 1], got {config.stab_blend_selection}")
-    if not 0.0 <= config.stab_slow_ema < 1.0:
-        raise UserError(f"slow EMA decay must be in [0, 1), got {config.stab_slow_ema}")
-    if config.batch_size < 1 or (config.epochs is not None and config.epochs < 1):
-        raise UserError("batch size and epochs must be positive")
+    if config.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", config.device):
+        raise UserError(f"unknown device {config.device!r}; use auto, cpu, cuda or cuda:N")
     if config.model is not None:
         from cdmix.models import model_names
 
         if config.model not in model_names():
             raise UserError(f"unknown model {config.model!r}; choose one of {', '.join(model_names())}")
-    if config.loss_history < 1:
-        raise UserError("loss history must be at least 1 epoch")
+
+
+DEMO_NOISE = ("sym", 0.4)  # the built-in digits demo's synthetic noise
+
+
+def noise_setting(config: Config) -> tuple[str, float] | None:
+    """The synthetic noise a run adds: ``(mode, rate)``, or None for the labels as given.
+
+    Only when asked for (``noise_rate``, ``noise_mode`` or ``noise_file`` set, e.g. by a preset), or
+    on ``digits`` (the built-in demo: 40% symmetric). Asked for without a mode: sym; without a rate:
+    0.4 (a noise file that exists is read, whatever the rate). Rate 0 means none.
+    """
+    if config.noise_rate is None and config.noise_mode is None and config.noise_file is None:
+        return DEMO_NOISE if config.dataset == "digits" else None
+    rate = DEMO_NOISE[1] if config.noise_rate is None else float(config.noise_rate)
+    mode = config.noise_mode or DEMO_NOISE[0]
+    return (mode, rate) if rate > 0 or config.noise_file else None
 
 
 def default_model(dataset: str, image_size: int) -> str:
@@ -232,27 +350,75 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
     cifar100_like = num_classes >= 100
     warmup = config.warmup
     if warmup is None:
-        warmup = 3 if small else (30 if cifar100_like else 10)
+        warmup = "auto" if config.method in AUTO_WARMUP_METHODS else (3 if small else (30 if cifar100_like else 10))
     epochs = config.epochs
     if epochs is None:
-        epochs = 12 if small else 300
+        epochs = DIGITS_EPOCHS if small else 300
+    if config.method != "standard":  # a warm-up must leave epochs for the method itself
+        if warmup == "auto" and epochs < 2:
+            raise UserError(f"--epochs {epochs} leaves no {config.method} epoch after even one warm-up epoch; "
+                            f"give at least 2 epochs")
+        if warmup != "auto" and warmup >= epochs:
+            raise UserError(f"--warmup {warmup} with --epochs {epochs} leaves no {config.method} epoch after the "
+                            f"warm-up; use --warmup auto, fewer warm-up epochs or more --epochs")
+    lr_step = config.lr_step
+    if lr_step is None:
+        # DivideMix: halfway through the epochs after the warm-up (with --warmup auto the engine places
+        # it once the warm-up has ended, so lr_step stays None); other methods: halfway through.
+        if config.method == "dividemix" and config.schedule != "josrc":
+            lr_step = None if warmup == "auto" else warmup + (epochs - warmup) // 2
+        else:
+            lr_step = epochs // 2
+    if config.schedule == "josrc" and not 0 <= lr_step < epochs:
+        raise UserError(f"--schedule josrc decays from --lr-step {lr_step}, which must be below --epochs {epochs}")
     model = config.model or default_model(config.dataset, image_size)
+    noise = noise_setting(config)
+    noise_mode, noise_rate = noise if noise else (None, 0.0)
     neg_entropy = config.neg_entropy
     if neg_entropy is None:
         # Official: the penalty is on whenever the noise mode is asym, also for a noise file.
-        neg_entropy = config.noise_mode == "asym"
+        neg_entropy = noise_mode == "asym"
     return config.replace(
         device=device,
-        normalization=config.normalization or "dataset",
+        normalization=normalization_for(config),
+        crop_size=crop_size_for(config, image_size),
         warmup=warmup,
         epochs=epochs,
         model=model,
         neg_entropy=neg_entropy,
+        noise_mode=noise_mode,
+        noise_rate=noise_rate,
         amp=device.startswith("cuda") if config.amp is None else config.amp,
-        lr_step=config.lr_step if config.lr_step is not None else epochs // 2,
-        image_size=config.image_size or image_size,
+        lr_step=lr_step,
+        image_size=_used_image_size(config, image_size),
         eval_batch_size=config.eval_batch_size or (1024 if device.startswith("cuda") else 64),
     )
+
+
+def normalization_for(config: Config) -> str:
+    """The normalisation a run uses: as set, else ImageNet's with --pretrained weights, else the dataset's."""
+    return config.normalization or ("imagenet" if config.pretrained else "dataset")
+
+
+def crop_size_for(config: Config, image_size: int) -> int:
+    """The training crop: as set, else the image size up to 64 px (CIFAR-style padded crop), else
+    round(0.875 x size) (224 of 256, ImageNet-style)."""
+    if config.crop_size is not None:
+        if config.crop_size > image_size:
+            raise UserError(f"--crop-size {config.crop_size} is larger than the {image_size}px images; "
+                            f"use at most {image_size}")
+        return config.crop_size
+    return image_size if image_size <= 64 else round(0.875 * image_size)
+
+
+def _used_image_size(config: Config, image_size: int) -> int:
+    """The image size the data has (what config.json records); warns when --image-size was not applied."""
+    if config.image_size is not None and config.image_size != image_size:
+        import logging
+
+        logging.getLogger("cdmix").warning(f"--image-size {config.image_size} does not apply to {config.dataset} "
+                                           f"(only folder and csv images are resized); its images are {image_size}px")
+    return image_size
 
 
 def save_json(config: Config, path: str | Path) -> None:
@@ -264,7 +430,14 @@ def save_json(config: Config, path: str | Path) -> None:
 def load_json(path: str | Path) -> Config:
     path = Path(path)
     try:
-        values = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read run config {path}: {exc}") from None
-    return Config.from_dict(values, source=str(path))
+    if not isinstance(values, dict):
+        raise UserError(f"run config {path} is not a JSON object; the file is damaged")
+    config = Config.from_dict(values, source=str(path))
+    try:
+        validate(config)
+    except UserError as exc:
+        raise UserError(f"run config {path}: {exc}") from None
+    return config

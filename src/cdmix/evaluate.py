@@ -15,17 +15,19 @@ def evaluate_run(run_dir: str | Path, which: str = "last") -> dict[str, float]:
 
     Returns {"test_acc": ensemble accuracy, "test_acc_net1": ..., ...} in percent.
     """
-    from cdmix.engine import Trainer, load_data
+    from cdmix.engine import Trainer, check_data_unchanged, load_data
 
     run_dir = Path(run_dir)
     if not (run_dir / runs.CONFIG).is_file():
         from cdmix.errors import UserError
 
         raise UserError(f"{run_dir} is not a cdmix run folder (no {runs.CONFIG})")
-    config = load_json(run_dir / runs.CONFIG).replace(progress=False)
+    config = runs.on_this_machine(load_json(run_dir / runs.CONFIG)).replace(progress=False)
     name = runs.CHECKPOINT if which == "last" else runs.BEST
-    state = runs.load_checkpoint(run_dir / name, map_location=config.device)
-    trainer = Trainer(config, run_dir, load_data(config), resume=False)
-    trainer.method.load_state_dict(state["method"])
+    state = runs.load_checkpoint(run_dir / name, map_location=config.device, config=config)
+    data = load_data(config)
+    check_data_unchanged(run_dir, data)  # the test split scored must be the one the run was tested on
+    trainer = Trainer(config, run_dir, data, resume=False)
+    runs.restore_method(trainer.method, state, run_dir / name)
     with torch.inference_mode():
         return {k: v for k, v in trainer.evaluate().items()}

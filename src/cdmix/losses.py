@@ -600,29 +600,20 @@ def tau_clean_josrc(
     total_epochs: int,
     tau: float = 0.75,
     tau_max: float = 0.95,
-    official_denominator: bool = False,
 ) -> float:
-    """Jo-SRC clean-likelihood threshold for an epoch (0-based).
+    """Jo-SRC clean-likelihood threshold for an epoch (0-based), as the official code computes it.
 
-    During warm-up (``epoch < warmup``): ``min(tau * epoch / warmup, tau)``. Afterwards a linear
-    growth from ``tau`` at ``epoch = warmup``:
-
-    * default: reaches ``tau_max`` exactly at the last epoch ``total_epochs - 1``, i.e.
-      ``tau + (tau_max - tau) * (epoch - warmup) / (total_epochs - 1 - warmup)``;
-    * ``official_denominator=True``: the official code's
-      ``tau + (tau_max - tau) * (epoch - warmup) / (total_epochs - warmup)``, which stops one step
-      short of ``tau_max`` at the last epoch.
-
-    A zero denominator (no epochs after warm-up) gives ``tau``; the result never exceeds
-    ``tau_max``.
+    During warm-up (``epoch < warmup``): ``min(tau * epoch / warmup, tau)``. Afterwards
+    ``tau + (tau_max - tau) * (epoch - warmup) / (total_epochs - warmup)`` (official denominator:
+    the last epoch stops one step short of ``tau_max``). No epochs after warm-up gives ``tau``; the
+    result never exceeds ``tau_max``.
     """
     if epoch < warmup:
         return min(tau * epoch / warmup, tau)
-    span = total_epochs - warmup if official_denominator else total_epochs - 1 - warmup
+    span = total_epochs - warmup
     if span <= 0:
         return float(tau)
-    value = tau + (tau_max - tau) * (epoch - warmup) / span
-    return float(min(value, tau_max))
+    return float(min(tau + (tau_max - tau) * (epoch - warmup) / span, tau_max))
 
 
 def tau_clean_report(epoch: float, warmup: int, tau_max: float) -> float:

@@ -24,6 +24,8 @@ __all__ = [
     "ood_metrics",
     "per_class_threshold_mask",
     "blend_clean_prob",
+    "gmm_separation",
+    "warmup_decision",
 ]
 
 
@@ -370,3 +372,70 @@ def blend_clean_prob(gmm_prob: Any, js_likelihood: Any, weight: float) -> np.nda
     if g.size != j.size:
         raise ValueError("gmm_prob and js_likelihood must have the same length")
     return (1.0 - weight) * g + weight * j
+
+
+# --------------------------------------------------------------------------- automatic warm-up length
+SEPARATION_MIN_WEIGHT = 0.05  # a "component" holding fewer samples is a few outliers, not a split
+SEPARATION_THRESHOLD = 3.0  # Ashman's D: modes this far apart (in pooled std units) are well separated
+SEPARATION_PATIENCE = 2  # epochs without a better (smoothed) separation before warm-up ends
+SEPARATION_WINDOW = 3  # epochs in the trailing mean that smooths the per-epoch separation
+
+
+def gmm_separation(params: dict[str, Any]) -> float:
+    """How far apart the two components of a fitted loss GMM are: Ashman's D,
+    ``|m_noisy - m_clean| / sqrt((v_clean + v_noisy) / 2)`` (scale-free; D > 2 means two clearly
+    distinct modes).
+
+    Args:
+        params: from :func:`fit_gmm_clean_prob`.
+
+    Returns:
+        D >= 0; 0.0 for a degenerate fit or one whose smaller component holds under 5% of the weight.
+    """
+    if params.get("degenerate", False):
+        return 0.0
+    means = np.asarray(params["means"], dtype=np.float64)
+    variances = np.asarray(params["variances"], dtype=np.float64)
+    if float(np.min(params["weights"])) < SEPARATION_MIN_WEIGHT:
+        return 0.0
+    pooled = math.sqrt(max(float(variances.mean()), 1e-12))
+    return float(abs(means[1] - means[0]) / pooled)
+
+
+def warmup_decision(separations: Sequence[float], steps_per_epoch: int, min_steps: int, max_steps: int,
+                    max_epochs: int, threshold: float = SEPARATION_THRESHOLD,
+                    patience: int = SEPARATION_PATIENCE, window: int = SEPARATION_WINDOW) -> str | None:
+    """Whether an automatic warm-up ends after the epochs measured so far, and why.
+
+    Args:
+        separations: the separation (:func:`gmm_separation`) measured after each warm-up epoch so
+            far, oldest first (its length is the number of warm-up epochs done).
+        steps_per_epoch: optimiser steps per net in one warm-up epoch.
+        min_steps / max_steps: floor and ceiling of the warm-up in optimiser steps per net.
+        max_epochs: never warm up for more epochs than this (leaves epochs for the method).
+        threshold: end as soon as the smoothed separation reaches this.
+        patience: end when the smoothed separation has not beaten its best (since the floor) for
+            this many epochs.
+        window: the smoothed separation is the mean of the last ``window`` measurements.
+
+    Returns:
+        None to keep warming up, else the reason it ends: "epoch cap", "step ceiling",
+        "separated" or "separation stopped improving".
+    """
+    epochs = len(separations)
+    steps = epochs * steps_per_epoch
+    if epochs >= max_epochs:
+        return "epoch cap"
+    if steps >= max_steps:
+        return "step ceiling"
+    if steps < min_steps or epochs == 0:
+        return None
+    values = np.asarray(separations, dtype=np.float64)
+    smoothed = np.array([values[max(0, i + 1 - window):i + 1].mean() for i in range(epochs)])
+    if smoothed[-1] >= threshold:
+        return "separated"
+    first = max(0, -(-min_steps // max(steps_per_epoch, 1)) - 1)  # the epoch that reached the floor
+    best = first + int(np.argmax(smoothed[first:]))
+    if epochs - 1 - best >= patience:
+        return "separation stopped improving"
+    return None

@@ -1,1 +1,1 @@
-"""Data: raw arrays from a source, label noise, device-resident batches."""
+"""Data: raw arrays (or image-store views) from a source, label noise, device-resident or host-read batches."""

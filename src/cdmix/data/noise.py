@@ -166,14 +166,16 @@ def apply_noise(
 
     Clean source (``raw.train_true_labels is None``): the original labels become the true labels
     and ``train_labels`` the noisy ones -- read from ``noise_file`` when it exists, otherwise
-    generated (and written to ``noise_file`` when one is named). With rate 0 and no file, the labels
-    stay as they are. Source with true labels: nothing is added (``rate`` is ignored).
+    generated (and written to ``noise_file`` when one is named). With rate 0 (or None) and no file,
+    nothing is added: the labels stay as given and the true labels stay unknown (None), since
+    nothing says which given label is right. Source with true labels: nothing is added (``rate``
+    is ignored).
 
     Returns the new ``RawData`` and ``{"noise_rate_nominal", "noise_rate_actual", "noise_source",
     "noise_mode"}`` plus, for human labels with a synthetic rate requested, ``"synthetic_ignored"``.
     Prints nothing.
     """
-    rate = _check_rate(rate)
+    rate = 0.0 if rate is None else _check_rate(rate)
     if raw.train_true_labels is not None:
         info: dict[str, Any] = {
             "noise_rate_nominal": None,
@@ -185,14 +187,14 @@ def apply_noise(
             info["synthetic_ignored"] = {"mode": mode, "rate": rate}
         return raw, info
 
+    if rate == 0 and not (noise_file and Path(noise_file).is_file()):
+        return raw, {"noise_rate_nominal": None, "noise_rate_actual": None, "noise_source": "none",
+                     "noise_mode": "none"}
     true = np.asarray(raw.train_labels, dtype=np.int64).copy()
     n = len(true)
     if noise_file and Path(noise_file).is_file():
         noisy = read_noise_file(noise_file, n, raw.num_classes)
         source = "file"
-    elif rate == 0:
-        noisy = true.copy()
-        source = "none"
     else:
         noisy = make_noisy_labels(true, raw.num_classes, mode, rate, seed, dataset=raw.name)
         source = "synthetic"
@@ -203,6 +205,6 @@ def apply_noise(
         "noise_rate_nominal": rate,
         "noise_rate_actual": noise_rate_actual(noisy, true),
         "noise_source": source,
-        "noise_mode": mode if source != "none" else "none",
+        "noise_mode": mode,
     }
     return new, info

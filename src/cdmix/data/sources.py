@@ -10,7 +10,9 @@
 - ``csv``: a ``path,label[,split]`` file, paths relative to the CSV's folder.
 - ``npz``: a numpy archive with ``train_images``, ``train_labels``, ``test_images``, ``test_labels``.
 
-Decoded ``folder`` / ``csv`` images are cached as ``.npy`` files (see :func:`decode_images_cached`).
+``folder`` / ``csv`` images are decoded once into an image store (``cdmix.data.store``) in
+``<data>/.cdmix_cache/`` and read from it by index; ``store`` opens a store made by ``cdmix prepare``
+(:func:`prepare_store`); a large ``npz`` goes through a store too.
 Every mistake a user can make raises :class:`cdmix.errors.UserError` with a one-line message.
 """
 
@@ -18,27 +20,30 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
+import logging
 import math
 import os
 import pickle
 import tarfile
+import tempfile
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from cdmix.atomic import atomic_write
 from cdmix.config import DATASETS
+from cdmix.data.store import (SKIPPED, Samples, Store, array_chunks, available_memory, build_store,
+                              decoded_file_chunks, default_workers, file_samples, open_store)
 from cdmix.data.types import RawData, channel_stats
 from cdmix.errors import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DEFAULT_IMAGE_SIZE = 32
 CACHE_DIR_NAME = ".cdmix_cache"
-CACHE_VERSION = 1
+log = logging.getLogger("cdmix")
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2023, 0.1994, 0.2010)
@@ -120,7 +125,13 @@ def load_source(
     elif dataset == "csv":
         raw = _load_csv(data_path, image_size=image_size, seed=seed, cache_dir=cache_dir, progress=progress)
     elif dataset == "npz":
-        raw = _load_npz(data_path)
+        raw = _load_npz(data_path, cache_dir=cache_dir, progress=progress)
+    elif dataset == "store":
+        raw = _load_store(data_path, image_size=image_size, seed=seed)
+    elif dataset == "arrays":  # the arrays of a run started from arrays, kept in its folder
+        from cdmix.data.arrays import load_arrays
+
+        raw = load_arrays(data_path)
     else:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     raw.name = dataset
@@ -309,6 +320,20 @@ def _label_array(value: Any, path: Path, key: str) -> np.ndarray:
     return arr.astype(np.int64)
 
 
+def _load_label_file(path: Path) -> Any:
+    """A CIFAR-N label file (``torch.save`` of a dict of numpy arrays), read with ``weights_only=True``
+    and only numpy's array reconstruction allowed: a planted file cannot run code."""
+    import torch
+
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64)
+    allowed = [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+               *(type(np.dtype(kind)) for kind in kinds)]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _load_cifar_n(dataset: str, data_path: str, labels: str | None, label_file: str | None, download: bool,
                   progress: bool) -> RawData:
     import torch
@@ -329,9 +354,12 @@ def _load_cifar_n(dataset: str, data_path: str, labels: str | None, label_file: 
         path.parent.mkdir(parents=True, exist_ok=True)
         download_file(spec["url"], path, md5=spec["md5"], progress=progress)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=False)
+        content = _load_label_file(path)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects other than label arrays, so it was not loaded (loading it could "
+                        f"run code); is it the {spec['file']} of CIFAR-N?") from None
     except Exception as exc:  # torch raises many types for a damaged file
-        raise UserError(f"{path} could not be read ({type(exc).__name__}: {exc}); "
+        raise UserError(f"{path} could not be read ({type(exc).__name__}); "
                         f"delete it and run again with --download") from None
     if not isinstance(content, dict):
         raise UserError(f"{path} is not a CIFAR-N label file (holds {type(content).__name__}, not a dict)")
@@ -425,77 +453,6 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _decode_image(path: Path, size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"cannot decode image {path} ({exc}); remove or replace it") from None
-
-
-def _file_list_hash(paths: Sequence[Path], size: int) -> str:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{size}".encode())
-    for p in paths:
-        st = p.stat()
-        digest.update(f"|{p.resolve()}|{st.st_mtime_ns}|{st.st_size}".encode())
-    return digest.hexdigest()[:24]
-
-
-def cache_paths(paths: Sequence[Path], image_size: int, cache_dir: str | Path) -> tuple[Path, Path]:
-    """The ``.npy`` and ``.json`` cache files for these image files at this size."""
-    key = _file_list_hash(paths, image_size)
-    base = Path(cache_dir) / f"images_{image_size}px_{key}"
-    return base.with_suffix(".npy"), base.with_suffix(".json")
-
-
-def decode_images_cached(
-    paths: Sequence[Path],
-    image_size: int,
-    cache_dir: str | Path | None,
-    *,
-    info: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> tuple[np.ndarray, bool]:
-    """Decode ``paths`` to an ``N x S x S x 3`` uint8 array, reusing the cache when it is current.
-
-    Returns ``(images, cache_hit)``. The cache key is the image size and a hash of the ordered file
-    list with mtimes and sizes, so any edit, addition or removal decodes afresh. ``info`` (labels,
-    class names) is stored alongside in a small JSON file for inspection. A cache folder that
-    cannot be written is silently skipped; ``cache_dir=None`` disables caching.
-    """
-    from tqdm import tqdm
-
-    paths = list(paths)
-    npy_path = json_path = None
-    if cache_dir is not None:
-        npy_path, json_path = cache_paths(paths, image_size, cache_dir)
-        if npy_path.is_file() and json_path.is_file():
-            try:
-                images = np.load(npy_path, allow_pickle=False)
-                if images.shape == (len(paths), image_size, image_size, 3) and images.dtype == np.uint8:
-                    return images, True
-            except (OSError, ValueError):
-                pass  # damaged cache entry: decode again and overwrite it
-    images = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
-    for i, p in enumerate(tqdm(paths, desc="decoding images", unit="img", disable=not progress)):
-        images[i] = _decode_image(p, image_size)
-    if npy_path is not None and json_path is not None:
-        meta = {"version": CACHE_VERSION, "image_size": image_size, "count": len(paths),
-                "files_hash": npy_path.stem.rsplit("_", 1)[1], **(info or {})}
-        try:
-            npy_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(npy_path, lambda fh: np.save(fh, images, allow_pickle=False))
-            atomic_write(json_path, json.dumps(meta))
-        except OSError:
-            pass  # read-only data folder: run without a cache
-    return images, False
-
-
 def _image_size(image_size: int | None) -> int:
     size = DEFAULT_IMAGE_SIZE if image_size is None else int(image_size)
     if size < 1:
@@ -513,19 +470,66 @@ def _assemble(
     seed: int,
     cache_dir: Path,
     progress: bool,
+    root: Path,
 ) -> RawData:
+    """Decode through an image store in ``cache_dir`` (built on first use, reused after; a changed
+    file list is another store) and return views of it: nothing is read into memory here."""
     size = _image_size(image_size)
-    images, _ = decode_images_cached(paths, size, cache_dir, progress=progress,
-                                     info={"class_names": class_names, "labels": labels.tolist()})
+    samples = _file_samples(paths, root, labels, is_test)
+    out = _writable(cache_dir) / f"store_{size}px_{samples.files_hash()[:20]}"
+    store = build_store(out, samples, class_names, size, _file_decoder(paths, size, default_workers()),
+                        source=str(root), progress=progress)
+    return store_raw_data(store, labels, is_test, class_names, seed)
+
+
+def _file_samples(paths: Sequence[Path], root: Path, labels: np.ndarray, is_test: np.ndarray | None) -> Samples:
+    names = [p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p) for p in paths]
+    splits = [""] * len(paths) if is_test is None else ["test" if t else "train" for t in is_test]
+    return file_samples(paths, names, labels, splits)
+
+
+def _file_decoder(paths: Sequence[Path], size: int, workers: int):
+    files = [str(p) for p in paths]
+    return lambda chunks: decoded_file_chunks(files, size, chunks, workers)
+
+
+def _writable(cache_dir: Path) -> Path:
+    """``cache_dir``, or a temporary folder when the data folder is read-only."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if os.access(cache_dir, os.W_OK):
+            return cache_dir
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / "cdmix_cache"
+    fallback.mkdir(parents=True, exist_ok=True)
+    log.info(f"{cache_dir} cannot be written; the decoded images go to {fallback}")
+    return fallback
+
+
+def store_raw_data(store: Store, labels: np.ndarray, is_test: np.ndarray | None, class_names: list[str],
+                   seed: int) -> RawData:
+    """``RawData`` whose images are views of ``store`` (skipped images left out, with a warning).
+
+    ``is_test`` marks the test rows; ``None``: a seeded stratified 10% test split of the decoded rows.
+    """
+    valid = np.flatnonzero(store.decoded)
+    skipped = len(store) - len(valid)
+    if skipped:
+        log.warning(f"{skipped} of {len(store)} images could not be decoded and are left out "
+                    f"(listed in {store.path / SKIPPED})")
     if is_test is None:
-        train_idx, test_idx = split_indices(labels, test_fraction=0.1, seed=seed)
+        train_pos, test_pos = split_indices(labels[valid], test_fraction=0.1, seed=seed)
+        train_rows, test_rows = valid[train_pos], valid[test_pos]
     else:
-        train_idx, test_idx = np.flatnonzero(~is_test), np.flatnonzero(is_test)
-    train_images = images[train_idx]
-    mean, std = channel_stats(train_images)
-    return RawData(train_images=train_images, train_labels=labels[train_idx], test_images=images[test_idx],
-                   test_labels=labels[test_idx], class_names=class_names, mean=mean, std=std,
-                   train_true_labels=None)
+        train_rows, test_rows = valid[~is_test[valid]], valid[is_test[valid]]
+    if len(train_rows) == 0 or len(test_rows) == 0:
+        raise UserError(f"{store.path}: no decodable {'training' if len(train_rows) == 0 else 'test'} images left")
+    mean, std = store.mean_std(train_rows)
+    return RawData(train_images=store.view(train_rows), train_labels=labels[train_rows],
+                   test_images=store.view(test_rows), test_labels=labels[test_rows], class_names=list(class_names),
+                   mean=mean, std=std, train_true_labels=None,
+                   train_ids=[store.samples.names[r] for r in train_rows])
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -549,6 +553,14 @@ def _scan_classes(root: Path, class_names: list[str]) -> tuple[list[Path], list[
 
 def _load_folder(data_path: str, image_size: int | None, seed: int, cache_dir: str | None,
                  progress: bool) -> RawData:
+    root, paths, labels, is_test, class_names = _scan_folder(data_path)
+    cache = Path(cache_dir).expanduser() if cache_dir else root / CACHE_DIR_NAME
+    return _assemble(paths, labels, is_test, class_names, image_size=image_size, seed=seed, cache_dir=cache,
+                     progress=progress, root=root)
+
+
+def _scan_folder(data_path: str) -> tuple[Path, list[Path], np.ndarray, np.ndarray | None, list[str]]:
+    """(root, image paths, labels, is_test or None, class names) of a class-per-folder tree."""
     root = Path(data_path).expanduser()
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist; pass --data-path to a folder with one "
@@ -573,9 +585,7 @@ def _load_folder(data_path: str, image_size: int | None, seed: int, cache_dir: s
         paths, labels = paths + test_paths, labels + test_labels
     if not paths:
         raise UserError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) found under {root}")
-    cache = Path(cache_dir).expanduser() if cache_dir else root / CACHE_DIR_NAME
-    return _assemble(paths, np.asarray(labels, dtype=np.int64), is_test, class_names,
-                     image_size=image_size, seed=seed, cache_dir=cache, progress=progress)
+    return root, paths, np.asarray(labels, dtype=np.int64), is_test, class_names
 
 
 def _clean_row(row: dict[Any, Any]) -> dict[str, str]:
@@ -585,6 +595,14 @@ def _clean_row(row: dict[Any, Any]) -> dict[str, str]:
 
 def _load_csv(data_path: str, image_size: int | None, seed: int, cache_dir: str | None,
               progress: bool) -> RawData:
+    base, paths, labels, is_test, class_names = _scan_csv(data_path)
+    cache = Path(cache_dir).expanduser() if cache_dir else base / CACHE_DIR_NAME
+    return _assemble(paths, labels, is_test, class_names, image_size=image_size, seed=seed, cache_dir=cache,
+                     progress=progress, root=base)
+
+
+def _scan_csv(data_path: str) -> tuple[Path, list[Path], np.ndarray, np.ndarray | None, list[str]]:
+    """(the CSV's folder, image paths, labels, is_test or None, class names) of a path,label[,split] CSV."""
     csv_path = Path(data_path).expanduser()
     if not csv_path.is_file():
         raise UserError(f"CSV file {csv_path} does not exist; pass --data-path to a CSV with columns path,label")
@@ -593,6 +611,10 @@ def _load_csv(data_path: str, image_size: int | None, seed: int, cache_dir: str 
         with csv_path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+            repeated = sorted({f for f in fields if fields.count(f) > 1})
+            if repeated:
+                raise UserError(f"{csv_path}: column(s) {', '.join(repeated)} appear more than once in the header; "
+                                "keep one of each")
             if "path" not in fields or "label" not in fields:
                 raise UserError(f"{csv_path} needs a header with columns path,label (optional split); "
                                 f"found {','.join(fields) or 'no header'}")
@@ -637,9 +659,7 @@ def _load_csv(data_path: str, image_size: int | None, seed: int, cache_dir: str 
         if is_test.all() or not is_test.any():
             missing = "train" if is_test.all() else "test"
             raise UserError(f"{csv_path} has no {missing} rows in its split column; mark some rows {missing}")
-    cache = Path(cache_dir).expanduser() if cache_dir else base / CACHE_DIR_NAME
-    return _assemble(paths, labels, is_test, class_names, image_size=image_size, seed=seed, cache_dir=cache,
-                     progress=progress)
+    return base, paths, labels, is_test, class_names
 
 
 def _is_int(text: str) -> bool:
@@ -677,11 +697,15 @@ def _npz_labels(arr: np.ndarray, key: str, path: Path, n: int) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _load_npz(data_path: str) -> RawData:
+def _load_npz(data_path: str, cache_dir: str | None = None, progress: bool = True) -> RawData:
     path = Path(data_path).expanduser()
     if not path.is_file():
         raise UserError(f"npz file {path} does not exist; pass --data-path to a .npz with train_images, "
                         f"train_labels, test_images, test_labels")
+    headers = npz_headers(path)
+    image_bytes = sum(int(np.prod(headers[k][0])) for k in ("train_images", "test_images") if k in headers)
+    if image_bytes > 0.5 * available_memory():  # would not fit in memory: the images go through a store
+        return _load_large_npz(path, headers, cache_dir, progress)
     required = ("train_images", "train_labels", "test_images", "test_labels")
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -689,7 +713,8 @@ def _load_npz(data_path: str) -> RawData:
             if missing:
                 raise UserError(f"{path} lacks key(s) {', '.join(missing)}; it needs "
                                 f"{', '.join(required)} (optional train_true_labels, class_names)")
-            arrays = {k: npz[k] for k in npz.files if k in required + ("train_true_labels", "class_names")}
+            arrays = {k: npz[k] for k in npz.files if k in required + ("train_true_labels", "class_names",
+                                                                         "train_ids")}
     except UserError:
         raise
     except ValueError as exc:
@@ -718,6 +743,139 @@ def _load_npz(data_path: str) -> RawData:
     if len(train_images) == 0 or len(test_images) == 0:
         raise UserError(f"{path}: train and test sets must both hold images")
     mean, std = channel_stats(train_images)
+    train_ids = None
+    if "train_ids" in arrays:  # the user's names of the training images (label_issues.csv's id column)
+        train_ids = [str(v) for v in np.asarray(arrays["train_ids"]).reshape(-1)]
+        if len(train_ids) != len(train_images):
+            raise UserError(f"{path}: train_ids has {len(train_ids)} entries for {len(train_images)} images")
     return RawData(train_images=train_images, train_labels=train_labels, test_images=test_images,
                    test_labels=test_labels, class_names=class_names, mean=mean, std=std,
-                   train_true_labels=true_labels)
+                   train_true_labels=true_labels, train_ids=train_ids)
+
+
+def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of the arrays in an .npz, read from the headers alone (no data)."""
+    fmt = np.lib.format
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith(".npy"):
+                    with archive.open(name) as fh:
+                        version = fmt.read_magic(fh)
+                        read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+                        shape, _, dtype = read(fh)
+                    headers[name[:-4]] = (tuple(shape), dtype)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise UserError(f"{path} is not a readable .npz file ({exc})") from None
+    return headers
+
+
+def _npz_blocks(path: Path, keys: Sequence[str], block_bytes: int = 64 << 20):
+    """The rows of the uint8 image arrays ``keys`` of an .npz, in order, as N x H x W x C blocks,
+    streamed from the archive (never the whole array in memory)."""
+    fmt = np.lib.format
+    with zipfile.ZipFile(path) as archive:
+        for key in keys:
+            with archive.open(f"{key}.npy") as fh:
+                version = fmt.read_magic(fh)
+                shape, fortran, _ = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(fh)
+                row_shape = tuple(shape[1:]) + ((1,) if len(shape) == 3 else ())
+                row_bytes = int(np.prod(row_shape))
+                step = max(1, block_bytes // max(row_bytes, 1))
+                for start in range(0, shape[0], step):
+                    k = min(step, shape[0] - start)
+                    data = fh.read(k * row_bytes)
+                    if len(data) != k * row_bytes:
+                        raise UserError(f"{path}: {key} is truncated")
+                    yield np.frombuffer(data, dtype=np.uint8).reshape((k,) + row_shape)
+
+
+def _npz_store(path: Path, headers: dict, out: Path, size: int | None, progress: bool, chunk_size: int = 64,
+               after_commit=None) -> Store:
+    """The store of an .npz's train and test images (ids ``train/i``, ``test/i``), labels from it."""
+    for key in ("train_images", "test_images", "train_labels", "test_labels"):
+        if key not in headers:
+            raise UserError(f"{path} lacks {key}; it needs train_images, train_labels, test_images, test_labels")
+    shapes = [headers[k][0] for k in ("train_images", "test_images")]
+    for key, (shape, dtype) in (("train_images", headers["train_images"]), ("test_images", headers["test_images"])):
+        if dtype != np.uint8 or len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3)):
+            raise UserError(f"{path}: {key} is {dtype} of shape {shape}; a store needs uint8 N x H x W (x C, "
+                            f"C = 1 or 3)")
+    channels = shapes[0][3] if len(shapes[0]) == 4 else 1
+    with np.load(path, allow_pickle=False) as npz:
+        train_labels = _npz_labels(npz["train_labels"], "train_labels", path, shapes[0][0])
+        test_labels = _npz_labels(npz["test_labels"], "test_labels", path, shapes[1][0])
+        names = [str(v) for v in npz["class_names"].reshape(-1)] if "class_names" in npz.files else None
+    labels = np.concatenate([train_labels, test_labels])
+    class_names = names or [str(i) for i in range(int(labels.max(initial=0)) + 1)]
+    size = size or min(shapes[0][1:3])
+    n_train, n_test = shapes[0][0], shapes[1][0]
+    st = path.stat()
+    samples = Samples([f"train/{i}" for i in range(n_train)] + [f"test/{i}" for i in range(n_test)], labels,
+                      ["train"] * n_train + ["test"] * n_test, [st.st_size] * len(labels),
+                      [st.st_mtime_ns] * len(labels))
+
+    def produce(chunks):
+        return array_chunks(lambda: _npz_blocks(path, ["train_images", "test_images"]), size, chunks)
+
+    return build_store(out, samples, class_names, size, produce, channels=channels, source=str(path),
+                       progress=progress, chunk_size=chunk_size, after_commit=after_commit)
+
+
+def _load_large_npz(path: Path, headers: dict, cache_dir: str | None, progress: bool) -> RawData:
+    cache = _writable(Path(cache_dir).expanduser() if cache_dir else path.parent / CACHE_DIR_NAME)
+    st = path.stat()
+    key = hashlib.sha256(f"{path.name}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    store = _npz_store(path, headers, cache / f"store_npz_{key}", None, progress)
+    is_test = np.asarray([s == "test" for s in store.samples.splits])
+    raw = store_raw_data(store, store.samples.labels, is_test, store.class_names, seed=0)
+    if "train_true_labels" in headers:
+        with np.load(path, allow_pickle=False) as npz:
+            raw.train_true_labels = _npz_labels(npz["train_true_labels"], "train_true_labels", path,
+                                                len(raw.train_labels))
+    return raw
+
+
+# ------------------------------------------------------------------------------------- image stores
+
+
+def _load_store(data_path: str, image_size: int | None, seed: int) -> RawData:
+    store = open_store(Path(data_path).expanduser())
+    if image_size is not None and int(image_size) != store.size:
+        raise UserError(f"the store {store.path} holds {store.size} px images, not {image_size}; drop --image-size "
+                        f"or prepare another store with --size {image_size}")
+    splits = store.samples.splits
+    is_test = np.asarray([s == "test" for s in splits]) if any(splits) else None
+    return store_raw_data(store, store.samples.labels, is_test, store.class_names, seed)
+
+
+def source_kind(source: Path) -> str:
+    """folder | csv | npz, from what ``source`` is."""
+    if source.is_dir():
+        return "folder"
+    if source.suffix.lower() in (".csv", ".npz"):
+        return source.suffix.lower()[1:]
+    raise UserError(f"{source} is neither a folder of class sub-folders, a .csv nor an .npz file "
+                    "(or give --dataset folder|csv|npz)")
+
+
+def prepare_store(source: str | Path, out: str | Path, size: int = 256, *, workers: int | None = None,
+                  kind: str | None = None, progress: bool = True, chunk_size: int = 64,
+                  after_commit=None) -> Store:
+    """Decode the images of a folder, csv or npz ``source`` into the store ``out`` at ``size`` px
+    (``cdmix prepare``); restartable, a complete store of the same files is reused (see ``store``)."""
+    if size < 1:
+        raise UserError(f"--size must be a positive number of pixels, got {size}")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give an image folder, a .csv or an .npz file")
+    kind = kind or source_kind(path)
+    if kind == "npz":
+        return _npz_store(path, npz_headers(path), Path(out), size, progress, chunk_size, after_commit)
+    if kind not in ("folder", "csv"):
+        raise UserError(f"cannot prepare a store from a {kind!r} source; use folder, csv or npz")
+    root, paths, labels, is_test, class_names = _scan_folder(str(path)) if kind == "folder" else _scan_csv(str(path))
+    return build_store(out, _file_samples(paths, root, labels, is_test), class_names, size,
+                       _file_decoder(paths, size, workers or default_workers()), source=str(path),
+                       progress=progress, chunk_size=chunk_size, after_commit=after_commit)

@@ -11,7 +11,9 @@ import numpy as np
 class RawData:
     """Arrays of one dataset, as loaded (before synthetic noise).
 
-    train_images / test_images: uint8, N x H x W x C (C = 1 or 3).
+    train_images / test_images: uint8, N x H x W x C (C = 1 or 3): numpy arrays, or for sources
+    decoded into an image store ``cdmix.data.store.StoreView`` rows, read on demand
+    (``np.asarray(view)`` reads them all; ``view[idx]`` is again a view).
     train_labels: int64 (N,), the labels training sees (already noisy for CIFAR-N / user data).
     train_true_labels: int64 (N,) clean labels where known, else None (-1 marks an open-set image,
     whose given label fits no class).
@@ -29,6 +31,10 @@ class RawData:
     name: str = ""
     # bool (N,): training images replaced by out-of-distribution ones (``--open-set-rate``), else None.
     train_is_ood: np.ndarray | None = None
+    # What names each training image in the user's data (label_issues.csv's ``id`` column): the path
+    # relative to the data folder (folder, csv), or an id column (csv, npz ``train_ids``); None where
+    # the position in the training order (the ``index`` column) is the name (digits, CIFAR, npz).
+    train_ids: list[str] | None = None
 
     @property
     def num_classes(self) -> int:

@@ -66,26 +66,35 @@ def autocast(config: Config):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
 
 
-def shuffled_batches(indices: torch.Tensor, global_batch: int, ctx: EpochContext, desc: str):
+def shuffled_batches(indices: torch.Tensor, global_batch: int, ctx: EpochContext, desc: str, images=None):
     """One pass over ``indices`` (a 1-D tensor of sample indices) in a random order drawn from
     ``ctx.generator`` (the same on every rank), in global batches of ``global_batch``; yields this
     rank's slice of each. All ranks stop before a last batch too small to give every rank a
-    sample. Shows a progress bar when ``ctx.progress``."""
+    sample. Shows a progress bar when ``ctx.progress``. ``images``: the images the batches will
+    be read from, told the batches in advance (``prefetch``: host-held images gather them ahead)."""
     info = distributed.current()
     n = len(indices)
     perm = indices[torch.randperm(n, device=indices.device, generator=ctx.generator)]
-    with tqdm(total=(n + global_batch - 1) // global_batch, desc=desc, leave=False, disable=not ctx.progress,
-              dynamic_ncols=True) as bar:
-        for start in range(0, n, global_batch):
-            chunk = perm[start:start + global_batch]
-            if len(chunk) < info.world_size:
-                break
-            yield distributed.local_slice(chunk, info)
+    chunks = [perm[start:start + global_batch] for start in range(0, n, global_batch)]
+    local = [distributed.local_slice(chunk, info) for chunk in chunks if len(chunk) >= info.world_size]
+    with tqdm(total=len(chunks), desc=desc, leave=False, disable=not ctx.progress, dynamic_ncols=True) as bar, \
+            prefetching(images, local):
+        for idx in local:
+            yield idx
             bar.update(1)
+
+
+def prefetching(images, batches: list[torch.Tensor]):
+    """``images.prefetch(batches)`` (a no-op for device-resident images, or without images)."""
+    return contextlib.nullcontext() if images is None else images.prefetch(batches)
 
 
 def build_net(config: Config, num_classes: int, in_channels: int) -> torch.nn.Module:
     net = create_model(config.model, num_classes=num_classes, in_channels=in_channels, width=config.width)
+    if config.pretrained:
+        from cdmix.models.pretrained import load_pretrained
+
+        load_pretrained(net, config.pretrained)
     net = net.to(config.device)
     if torch.device(config.device).type == "cuda":
         net = net.to(memory_format=torch.channels_last)
@@ -95,7 +104,8 @@ def build_net(config: Config, num_classes: int, in_channels: int) -> torch.nn.Mo
 def build_optimizer(config: Config, net: torch.nn.Module) -> torch.optim.Optimizer:
     """SGD with momentum (DivideMix, the default) or Adam (the official Jo-SRC CIFAR run)."""
     if config.optimizer == "adam":
-        return torch.optim.Adam(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.momentum, 0.999),
+                                weight_decay=config.weight_decay)
     return torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
                            weight_decay=config.weight_decay)
 
@@ -155,10 +165,13 @@ class Method:
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
         raise NotImplementedError
 
-    def set_lr(self, lr: float) -> None:
+    def set_lr(self, lr: float, beta1: float | None = None) -> None:
+        """Learning rate (cut by the collapse guard's damping) and, for Adam, beta1 of this epoch."""
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = lr * self.damping
+                if beta1 is not None:
+                    group["betas"] = (beta1, group["betas"][1])
 
     def on_rollback(self, collapse_count: int) -> None:
         """After the engine restored the best checkpoint: halve lr and pseudo-label weight per collapse."""
@@ -183,7 +196,7 @@ class Method:
             indices = torch.arange(len(train), device=device)
         total = torch.zeros((), device=device)
         steps = 0
-        for idx in shuffled_batches(indices, batch_size * self.dist.world_size, ctx, desc):
+        for idx in shuffled_batches(indices, batch_size * self.dist.world_size, ctx, desc, train.images):
             x = train.images.batch(idx, augment=True, generator=ctx.aug_generator)
             with autocast(config):
                 logits = net(x)
@@ -220,9 +233,10 @@ class Method:
         outputs: list[list[torch.Tensor]] = [[] for _ in nets]
         n = len(images)
         first, stop = distributed.shard_range(n, self.dist)
-        with autocast(self.config):
-            for start in range(first, stop, batch_size):
-                idx = torch.arange(start, min(start + batch_size, stop), device=images.device)
+        batches = [torch.arange(start, min(start + batch_size, stop), device=images.device)
+                   for start in range(first, stop, batch_size)]
+        with autocast(self.config), images.prefetch(batches):
+            for idx in batches:
                 x = images.batch(idx, augment=False)
                 for out, net in zip(outputs, nets):
                     out.append(net(x).float())
@@ -263,6 +277,10 @@ class Method:
         row[f"sel_precision_{tag}"] = metrics["precision"]
         row[f"sel_recall_{tag}"] = metrics["recall"]
         row[f"sel_auc_{tag}"] = metrics["auc"]
+
+    def summary_info(self) -> dict:
+        """Method facts for summary.json (e.g. how long the warm-up was); none by default."""
+        return {}
 
     # ----- state
     def extra_state(self) -> dict:

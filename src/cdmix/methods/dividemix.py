@@ -16,10 +16,13 @@ import torch.nn.functional as F
 
 from cdmix import distributed
 from cdmix import losses as L
-from cdmix.methods.base import EpochContext, Method, autocast, shuffled_batches
-from cdmix.selection import fit_gmm_clean_prob, loss_history_average, minmax_normalise
+from cdmix.methods.base import EpochContext, Method, autocast, prefetching, shuffled_batches
+from cdmix.selection import (fit_gmm_clean_prob, gmm_separation, loss_history_average, minmax_normalise,
+                             warmup_decision)
 
 log = logging.getLogger("cdmix")
+
+WARMUP_FLOOR_EPOCHS = 10  # --warmup auto: the step floor never asks for more epochs than this
 
 
 class DivideMix(Method):
@@ -32,19 +35,34 @@ class DivideMix(Method):
         super().__init__(config, train)
         # Normalised per-sample losses of past epochs, one list per net (for --loss-history > 1).
         self.loss_history: list[list[np.ndarray]] = [[] for _ in self.nets]
+        # Warm-up epochs: fixed, or (--warmup auto) None until the loss distributions have separated.
+        self.warmup_end: int | None = None if config.warmup == "auto" else int(config.warmup)
+        self.warmup_reason = "fixed" if self.warmup_end is not None else ""
+        self.separations: list[float] = []  # --warmup auto: separation after each warm-up epoch
+        self.measured_losses: list[torch.Tensor] | None = None  # that pass's losses, reused by the division
 
     # ----- state
     def extra_state(self) -> dict:
-        return {"loss_history": self.loss_history}
+        return {"loss_history": self.loss_history, "warmup_end": self.warmup_end,
+                "warmup_reason": self.warmup_reason, "separations": self.separations}
 
     def load_extra_state(self, state: dict) -> None:
         self.loss_history = state["loss_history"]
+        if "warmup_end" in state:
+            self.warmup_end, self.warmup_reason = state["warmup_end"], state["warmup_reason"]
+            self.separations = list(state["separations"])
+
+    def summary_info(self) -> dict:
+        """Warm-up facts for summary.json: epochs (1..N were warm-up) and how N was chosen."""
+        return {"warmup_epochs": self.warmup_end, "warmup_rule": self.warmup_reason or "auto (undecided)"}
 
     # ----- one epoch
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
-        config = self.config
-        if ctx.epoch < config.warmup:
-            return self.warmup_epoch(ctx)
+        if self.warmup_end is None or ctx.epoch < self.warmup_end:
+            row = self.warmup_epoch(ctx)
+            if self.warmup_end is None:
+                self.measure_warmup(ctx.epoch + 1, row)
+            return row
         row: dict[str, float] = {}
         t0 = time.perf_counter()
         clean_probs = self.divide(ctx, row)
@@ -66,7 +84,7 @@ class DivideMix(Method):
         row = {}
         t0 = time.perf_counter()
         for i in range(self.num_nets):
-            row[f"loss_net{i + 1}"] = self.ce_epoch(i, ctx, f"epoch {ctx.epoch} warm-up net{i + 1}")
+            row[f"loss_net{i + 1}"] = self.ce_epoch(i, ctx, f"epoch {ctx.epoch + 1} warm-up net{i + 1}")
         row["train_loss"] = (row["loss_net1"] + row["loss_net2"]) / 2
         row["seconds_train"] = time.perf_counter() - t0
         return row
@@ -75,14 +93,51 @@ class DivideMix(Method):
         """Warm-up cross-entropy of net ``i`` on ``indices`` (default all), batch 2B (official)."""
         return self.supervised_epoch(i, ctx, 2 * self.config.batch_size, desc, indices)
 
+    # ----- --warmup auto
+    def warmup_steps_per_epoch(self) -> int:
+        """Optimiser steps per net in one warm-up epoch (global batch 2B)."""
+        return max(1, -(-len(self.train) // (2 * self.config.batch_size * self.dist.world_size)))
+
+    def measure_warmup(self, epochs_done: int, row: dict[str, float]) -> None:
+        """After warm-up epoch ``epochs_done`` (1-based): measure how far apart the loss GMM's
+        components are (``warmup_separation``, mean over the nets) and end the warm-up when
+        ``selection.warmup_decision`` says so (``warmup_end`` = 1 in that epoch's row)."""
+        config = self.config
+        losses = [self.per_sample_losses(net) for net in self.nets]
+        separations = [gmm_separation(fit_gmm_clean_prob(minmax_normalise(loss.cpu().numpy()), seed=config.seed)[1])
+                       for loss in losses]
+        self.separations.append(float(np.mean(separations)))
+        row["warmup_separation"] = self.separations[-1]
+        per_epoch = self.warmup_steps_per_epoch()
+        max_epochs = max(1, (2 * config.epochs) // 3)
+        # The floor in steps, but never more than WARMUP_FLOOR_EPOCHS passes: a few hundred images must not
+        # be gone over a hundred times (memorising their wrong labels) before the separation may end it.
+        floor = min(config.warmup_min_steps, WARMUP_FLOOR_EPOCHS * per_epoch)
+        reason = warmup_decision(self.separations, per_epoch, floor, config.warmup_max_steps, max_epochs)
+        if reason is None:
+            return
+        self.warmup_end, self.warmup_reason = epochs_done, f"auto: {reason}"
+        self.measured_losses = losses
+        row["warmup_end"] = 1
+        steps = epochs_done * per_epoch
+        if self.dist.is_main:
+            log.info(f"warm-up ends after epoch {epochs_done} ({steps} steps per net): {reason} "
+                     f"(loss separation {self.separations[-1]:.2f})")
+        if reason == "epoch cap" and steps < floor:
+            log.warning(f"--epochs {config.epochs} cut the automatic warm-up to {epochs_done} epoch(s), "
+                        f"{steps} steps per net, below its {floor}-step floor: the clean and noisy losses may "
+                        f"not have separated yet; more --epochs give DivideMix a better start")
+
     # ----- co-divide
     def divide(self, ctx: EpochContext, row: dict[str, float]) -> list[np.ndarray]:
         """Clean probability of every training sample from each net's loss GMM; fills metrics."""
         config = self.config
         division: dict[str, np.ndarray] = {}
         clean_probs = []
+        measured, self.measured_losses = self.measured_losses, None  # the auto warm-up's last pass, if any
         for i, net in enumerate(self.nets):
-            norm = minmax_normalise(self.per_sample_losses(net).cpu().numpy())
+            loss = measured[i] if measured is not None else self.per_sample_losses(net)
+            norm = minmax_normalise(loss.cpu().numpy())
             history = (self.loss_history[i] + [norm])[-config.loss_history:]
             self.loss_history[i] = history if config.loss_history > 1 else []
             gmm_input = loss_history_average(history, config.loss_history)
@@ -138,7 +193,7 @@ class DivideMix(Method):
 
     # Hooks the hybrid overrides: where the λu ramp starts, a factor on λu, work after each step.
     def ramp_start(self, epoch: int) -> int:
-        return self.config.warmup
+        return self.warmup_end
 
     def lambda_u_scale(self, epoch: int) -> float:
         return 1.0
@@ -178,24 +233,29 @@ class DivideMix(Method):
         ramp, this rank's labeled indices, this rank's unlabeled indices)."""
         bs = self.config.batch_size * self.dist.world_size  # the global batch; each rank takes its slice
         num_iter = len(labeled_idx) // bs + 1  # official: fractional epoch of the λu ramp
-        unlabeled_batches = self.cycle(unlabeled_idx, bs, ctx.generator)
-        for batch_idx, idx_x in enumerate(shuffled_batches(labeled_idx, bs, ctx, f"epoch {ctx.epoch} train {tag}")):
-            yield (ctx.epoch + batch_idx / num_iter, idx_x,
-                   distributed.local_slice(next(unlabeled_batches), self.dist))
+        images = self.train.images
+        unlabeled_batches = self.cycle(unlabeled_idx, bs, ctx.generator, images)
+        for batch_idx, idx_x in enumerate(shuffled_batches(labeled_idx, bs, ctx, f"epoch {ctx.epoch + 1} train {tag}",
+                                                           images)):
+            yield ctx.epoch + batch_idx / num_iter, idx_x, next(unlabeled_batches)
 
     @staticmethod
-    def cycle(indices: torch.Tensor, batch_size: int, generator: torch.Generator):
-        """Endless shuffled batches of ``indices``, reshuffled when exhausted (official restart).
+    def cycle(indices: torch.Tensor, batch_size: int, generator: torch.Generator, images=None):
+        """Endless shuffled global batches of ``indices``, reshuffled when exhausted (official
+        restart); yields this rank's slice of each (told to ``images.prefetch`` a pass at a time).
 
         Yields empty tensors when ``indices`` is empty.
         """
+        info = distributed.current()
         while True:
             if len(indices) == 0:
                 yield indices
                 continue
             perm = indices[torch.randperm(len(indices), device=indices.device, generator=generator)]
-            for start in range(0, len(perm), batch_size):
-                yield perm[start:start + batch_size]
+            local = [distributed.local_slice(perm[start:start + batch_size], info)
+                     for start in range(0, len(perm), batch_size)]
+            with prefetching(images, local):
+                yield from local
 
     def guess_unlabeled(self, net, partner, u1, u2) -> torch.Tensor:
         """Co-guessing: sharpened mean of both nets on both unlabeled views (no grad)."""

@@ -138,7 +138,7 @@ class Hybrid(DivideMix):
         row = {"second_warmup": 1}
         labeled, _ = self.labeled_split(clean_prob, "second warm-up")
         for i in range(self.num_nets):
-            row[f"loss_net{i + 1}"] = self.ce_epoch(i, ctx, f"epoch {ctx.epoch} 2nd warm-up net{i + 1}", labeled)
+            row[f"loss_net{i + 1}"] = self.ce_epoch(i, ctx, f"epoch {ctx.epoch + 1} 2nd warm-up net{i + 1}", labeled)
         row["train_loss"] = (row["loss_net1"] + row["loss_net2"]) / 2
         if not self.in_second_warmup(ctx.epoch + 1):  # last one: teachers restart from the nets
             for teacher, net in zip(self.teachers, self.nets):

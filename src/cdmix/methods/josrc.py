@@ -100,7 +100,7 @@ class JoSRC(Method):
         counts = torch.zeros(3, device=device)
         steps = 0
         for idx in shuffled_batches(torch.arange(len(train), device=device), c.batch_size * self.dist.world_size,
-                                    ctx, f"epoch {ctx.epoch} {'warm-up' if warm else 'train'}"):
+                                    ctx, f"epoch {ctx.epoch + 1} {'warm-up' if warm else 'train'}", train.images):
             x1 = train.images.batch(idx, augment=True, generator=gen)
             x2 = train.images.batch(idx, augment=True, generator=gen)
             s1, s2 = (strong_augment(x1, gen), strong_augment(x2, gen)) if c.stab_strong_aug else (x1, x2)
@@ -175,7 +175,7 @@ class JoSRC(Method):
             row.update(ood_metrics(flagged, self.train.is_ood.cpu().numpy()))
         self.last_division = {"clean_prob": p_clean, "js_clean_likelihood": p_clean,
                               "selected": selected, "ood_flag": flagged,
-                              "tau_clean": np.asarray(tau), "epoch": np.asarray(epoch)}
+                              "tau_clean": np.asarray(tau), "epoch": np.asarray(epoch + 1)}
         return row
 
     # ----- state

@@ -10,4 +10,4 @@ class Standard(Method):
     num_nets = 1
 
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:
-        return {"train_loss": self.supervised_epoch(0, ctx, self.config.batch_size, f"epoch {ctx.epoch} CE")}
+        return {"train_loss": self.supervised_epoch(0, ctx, self.config.batch_size, f"epoch {ctx.epoch + 1} CE")}

@@ -12,8 +12,11 @@ Where the page goes:
 ``out`` may be a file or an existing folder (the page is then ``out/report.html``). An existing page
 and its PNGs are replaced.
 
-Plots: accuracy, selection, loss_hist (with the GMM fit), training, seconds, confusion (see
-``cdmix.report.plots``).
+Plots: accuracy, selection, warmup (the automatic warm-up's separation curve), loss_hist (with the
+GMM fit), training, seconds, confusion (see ``cdmix.report.plots``).
+
+``write_review_page`` (``cdmix issues RUN --html``, ``cdmix.report.review``) writes the review page of the
+top suspected label errors: thumbnails, given and predicted class, and a cleaned-labels download.
 
 ``compare_runs(run_dirs, markdown=False)`` returns the summaries side by side as a plain-text (or
 Markdown) table and flags (``!``) every run whose best test accuracy is more than 2 points above
@@ -27,7 +30,8 @@ makes the table.
 from cdmix.report.compare import DROP_FLAG_POINTS, compare_runs, summary_row
 from cdmix.report.page import Report, build_report, make_report
 from cdmix.report.plots import MAX_TOP, Plot, default_top, run_plots
+from cdmix.report.review import write_review_page
 from cdmix.report.rundata import RunData, load_run, run_names
 
 __all__ = ["DROP_FLAG_POINTS", "MAX_TOP", "Plot", "Report", "RunData", "build_report", "compare_runs", "default_top",
-           "load_run", "make_report", "run_names", "run_plots", "summary_row"]
+           "load_run", "make_report", "run_names", "run_plots", "summary_row", "write_review_page"]

@@ -6,6 +6,7 @@ import base64
 import html
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -63,7 +64,7 @@ def key_facts(run: RunData) -> list[tuple[str, str]]:
         ("model", str((run.config or {}).get("model", "-"))),
         ("epochs", f"{s.get('epochs_done', '-')} of {s.get('epochs', '-')} done"),
         ("best test accuracy", f"{acc(s.get('test_acc_best'))}%"
-                               + (f" at epoch {int(best_epoch) + 1}" if isinstance(best_epoch, (int, float)) else "")),
+                               + (f" at epoch {int(best_epoch)}" if isinstance(best_epoch, (int, float)) else "")),
         ("last test accuracy", f"{acc(s.get('test_acc_last'))}%"),
         ("best − last", f"{acc(accuracy_drop(s))} points"),
         ("noise", f"{s.get('noise_source', '-')} {s.get('noise_mode') or ''}: nominal "
@@ -73,8 +74,10 @@ def key_facts(run: RunData) -> list[tuple[str, str]]:
         ("time", f"{format_seconds(num(s.get('seconds_total')))} on {s.get('device', '-')}"),
         ("collapse warnings", str(s.get("collapse_warnings", "-"))),
     ]
+    if s.get("warmup_epochs") is not None:
+        facts.insert(4, ("warm-up", f"{s['warmup_epochs']} epoch(s), {s.get('warmup_rule', 'fixed')}"))
     if s.get("selected_by"):
-        facts.append(("best.pt chosen by", f"{s['selected_by']} (epoch {int(s.get('selected_epoch', -1)) + 1})"))
+        facts.append(("best.pt chosen by", f"{s['selected_by']} (epoch {int(s.get('selected_epoch', 0))})"))
     return facts
 
 
@@ -150,9 +153,16 @@ def _page_path(paths: list[Path], out: str | Path | None) -> Path:
     if out is None:
         return paths[0] / DEFAULT_PAGE if len(paths) == 1 else Path.cwd() / DEFAULT_PAGE
     page = Path(out)
-    if page.is_dir():
+    if page.is_dir() or str(out).endswith(("/", os.sep)):  # a folder, made when missing
         page = page / DEFAULT_PAGE
-    page.parent.mkdir(parents=True, exist_ok=True)
+    elif not page.exists() and not page.suffix:
+        raise UserError(f"--out {out} does not exist; end it with / to have the folder made, or give a file "
+                        f"name ending .html")
+    runs.refuse_run_file(page)
+    try:
+        page.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot make the folder {page.parent} for --out: {exc.strerror or exc}") from None
     return page
 
 

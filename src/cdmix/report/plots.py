@@ -3,6 +3,7 @@ is left out) back. Each is left out, with the reason on the page, when the run h
 
   accuracy   test accuracy per epoch: ensemble and each net, best and last marked
   selection  clean-selection precision / recall / ROC-AUC (when true labels are known), labeled-set size
+  warmup     --warmup auto: the loss GMM's separation after each warm-up epoch, and where it ended
   loss_hist  per-sample loss histogram of the last division (split truly clean / noisy when known)
              with the fitted two-component GMM drawn over it (division.npz)
   training   learning rate, lambda_u_eff and the loss terms per epoch
@@ -126,8 +127,33 @@ def _epoch_lines(ax, run: RunData, keys: list[str], title: str, ylabel: str, emp
 # --------------------------------------------------------------------------- the plots
 def run_plots(run: RunData, top: int | None = None) -> list[Plot]:
     """Every plot of one run, in page order; ``top``: samples in the confusion matrix."""
-    return [plot_accuracy(run), plot_selection(run), plot_loss_hist(run), plot_training(run), plot_seconds(run),
-            plot_confusion(run, top)]
+    return [plot_accuracy(run), plot_selection(run), plot_warmup(run), plot_loss_hist(run), plot_training(run),
+            plot_seconds(run), plot_confusion(run, top)]
+
+
+def plot_warmup(run: RunData) -> Plot:
+    """--warmup auto: the loss GMM's separation after each warm-up epoch, and where the warm-up ended."""
+    plot = Plot("warmup", "Automatic warm-up: loss separation per epoch")
+    if not has_data(run.metrics, "warmup_separation"):
+        plot.missing = "the run had a fixed warm-up (no warmup_separation column in metrics.csv)"
+        return plot
+    fig = _figure(7.5, 3.6)
+    ax = fig.add_subplot()
+    x, sep = epochs_axis(run.metrics), column(run.metrics, "warmup_separation")
+    ax.plot(x, sep, color="C4", marker="o", ms=3, lw=1.6, label="separation (Ashman's D, mean of the nets)")
+    end = run.summary.get("warmup_epochs")
+    rule = str(run.summary.get("warmup_rule", ""))
+    if isinstance(end, (int, float)):
+        ax.axvline(end + 0.5, color="0.3", ls="--", lw=1.2, label=f"warm-up ends after epoch {int(end)}")
+    ax.set_ylabel("separation D")
+    ax.legend(fontsize=8, loc="best")
+    _integer_epochs(ax)
+    plot.png = _png_bytes(fig)
+    plot.caption = ("After each warm-up epoch, Ashman's D = |m_noisy - m_clean| / sqrt((v_clean + v_noisy) / 2) of the "
+                    "two-component GMM fitted to the normalised per-sample losses (mean over the nets). The warm-up "
+                    "ends when D stops improving, reaches 3, or the step ceiling or epoch cap is reached, never before "
+                    "the step floor" + (f"; this run: {rule}." if rule else "."))
+    return plot
 
 
 def plot_accuracy(run: RunData) -> Plot:

@@ -47,8 +47,8 @@ class RunData:
         config = self.config or {}
         if config.get("method", self.summary.get("method")) == "standard":
             return 0
-        try:
-            return max(0, int(config.get("warmup") or 0))
+        try:  # summary.json: the warm-up that ran (--warmup auto decides it during the run)
+            return max(0, int(self.summary.get("warmup_epochs") or config.get("warmup") or 0))
         except (TypeError, ValueError):
             return 0
 
@@ -145,11 +145,11 @@ def has_data(rows: list[dict[str, Any]], key: str) -> bool:
 
 
 def epochs_axis(rows: list[dict[str, Any]]) -> np.ndarray:
-    """1-based epoch numbers, as the training log prints them."""
+    """1-based epoch numbers (metrics.csv's ``epoch`` column), as the training log prints them."""
     epochs = column(rows, "epoch")
     if not np.isfinite(epochs).all():
         return np.arange(1, len(rows) + 1, dtype=np.float64)
-    return epochs + 1
+    return epochs
 
 
 def best_last(rows: list[dict[str, Any]], key: str = "test_acc") -> tuple[int, int] | None:

@@ -1,0 +1,565 @@
+"""The image store: every image of a source decoded once, at one size, into one array on disk.
+
+A store is a folder::
+
+    manifest.json  format, version, source, count, size, channels, class names, files hash, complete
+    samples.csv    one row per sample: path (relative to the source) or id, label, split, bytes, mtime_ns
+    images.npy     N x S x S x C uint8, a plain .npy (``np.load(path, mmap_mode="r")`` maps it)
+    stats.npy      N x 2C float64: per image, the channel means of x and of x^2 (x in [0, 1])
+    status.npy     N int8: 0 not decoded yet, 1 decoded, 2 skipped (unreadable)
+    skipped.txt    path <TAB> reason of every image that could not be decoded
+
+Geometry: the short side of each image is resized to S (bilinear, antialiased) and the center
+S x S square kept, so no image is distorted. Images are converted to RGB (16-bit images scaled to
+8 bits, transparency composited on white, EXIF orientation applied).
+
+The build is restartable: a killed build resumes where it stopped (``status.npy`` is written only
+after the image rows it marks are on disk), and a complete store is never rebuilt: asked again for
+the same files and size it is reused, for other files or another size it is refused.
+Training reads rows by index (:class:`StoreView`, :class:`RowReader`), never the whole array.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cdmix.atomic import atomic_write
+from cdmix.errors import UserError
+
+FORMAT = "cdmix-store"
+VERSION = 1
+MANIFEST, SAMPLES, IMAGES, STATS, STATUS, SKIPPED = (
+    "manifest.json", "samples.csv", "images.npy", "stats.npy", "status.npy", "skipped.txt")
+PENDING, DECODED, UNREADABLE = 0, 1, 2
+
+log = logging.getLogger("cdmix")
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+
+def to_rgb(img):
+    """A PIL image as 8-bit RGB: 16/32-bit and float images scaled to 8 bits (not clipped white),
+    palette / alpha images composited on white, CMYK / YCbCr / L converted."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if img.mode == "F" and values.max(initial=0) <= 1.0:
+            top = 1.0
+        img = Image.fromarray(np.rint(np.clip(values / top, 0, 1) * 255).astype(np.uint8), mode="L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def fit_square(img, size: int):
+    """Resize the short side to ``size`` and keep the center ``size x size`` (one resampling step:
+    the center square of the source is resized, bilinear with antialiasing)."""
+    from PIL import Image
+
+    width, height = img.size
+    if (width, height) == (size, size):
+        return img
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+
+
+def decode_image(path: str | Path, size: int) -> np.ndarray:
+    """``size x size x 3`` uint8 RGB of the image file ``path`` (raises on an unreadable file)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))  # JPEG: decode at the smallest scale that is still >= size
+        img = ImageOps.exif_transpose(img)
+        return np.asarray(fit_square(to_rgb(img), size), dtype=np.uint8)
+
+
+def image_stats(images: np.ndarray) -> np.ndarray:
+    """k x 2C float64: per image, channel means of x and x^2 with x = pixel / 255."""
+    flat = images.reshape(len(images), -1, images.shape[-1]).astype(np.float32) / 255.0
+    return np.concatenate([flat.mean(1), (flat * flat).mean(1)], axis=1).astype(np.float64)
+
+
+def _decode_chunk(task: tuple[np.ndarray, list[str], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                    list[tuple[int, str]]]:
+    """Decode one chunk (worker side): (rows, images k x S x S x 3, their ``image_stats``,
+    failures [(row, reason)]; a failed image's row stays zero)."""
+    rows, paths, size = task
+    images = np.zeros((len(paths), size, size, 3), dtype=np.uint8)
+    failures = []
+    for i, path in enumerate(paths):
+        try:
+            images[i] = decode_image(path, size)
+        except Exception as exc:  # any decoder error of a bad file: skipped and listed, never fatal
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            failures.append((int(rows[i]), f"{type(exc).__name__}: {text}"[:300]))
+    return rows, images, image_stats(images), failures
+
+
+def decoded_file_chunks(paths: Sequence[str], size: int, chunks: list[np.ndarray], workers: int):
+    """Decode the files of each chunk of rows; yields (rows, images, stats, failures) as chunks finish.
+    ``workers`` > 1: a pool of spawned processes (safe next to threads and CUDA)."""
+    tasks = ((rows, [paths[r] for r in rows], size) for rows in chunks)
+    if workers <= 1 or len(chunks) <= 1:
+        yield from map(_decode_chunk, tasks)
+        return
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(chunks))) as pool:
+        yield from pool.imap_unordered(_decode_chunk, tasks)
+
+
+# -------------------------------------------------------------------------------------- the manifest
+
+
+@dataclass
+class Samples:
+    """What a store holds, in row order: ``names`` (relative path or id), int64 ``labels``, ``splits``
+    ("train", "test" or "" when the source has no split), ``bytes`` and ``mtimes`` of each file."""
+
+    names: list[str]
+    labels: np.ndarray
+    splits: list[str]
+    bytes: list[int]
+    mtimes: list[int]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def files_hash(self) -> str:
+        """Hash of the ordered file list (name, size, modification time), labels not included."""
+        digest = hashlib.sha256()
+        for name, size, mtime in zip(self.names, self.bytes, self.mtimes):
+            digest.update(f"{name}\t{size}\t{mtime}\n".encode())
+        return digest.hexdigest()
+
+    def to_csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(["path", "label", "split", "bytes", "mtime_ns"])
+        writer.writerows(zip(self.names, self.labels.tolist(), self.splits, self.bytes, self.mtimes))
+        return out.getvalue()
+
+    @classmethod
+    def read_csv(cls, path: Path) -> "Samples":
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))[1:]
+        return cls([r[0] for r in rows], np.asarray([int(r[1]) for r in rows], dtype=np.int64),
+                   [r[2] for r in rows], [int(r[3]) for r in rows], [int(r[4]) for r in rows])
+
+
+def describe_difference(old: Samples, new: Samples) -> str:
+    """'3 added, 1 removed, 2 changed (e.g. cat/001.jpg)' between two file lists."""
+    before = {n: (b, m) for n, b, m in zip(old.names, old.bytes, old.mtimes)}
+    after = {n: (b, m) for n, b, m in zip(new.names, new.bytes, new.mtimes)}
+    added = [n for n in after if n not in before]
+    removed = [n for n in before if n not in after]
+    changed = [n for n in after if n in before and after[n] != before[n]]
+    parts = [f"{len(v)} {k}" for k, v in (("added", added), ("removed", removed), ("changed", changed)) if v]
+    example = (added + removed + changed)[:1]
+    if not parts:
+        return "the same files in another order"
+    return ", ".join(parts) + (f" (e.g. {example[0]})" if example else "")
+
+
+# --------------------------------------------------------------------------------------- reading rows
+
+
+class RowReader:
+    """Reads rows of an ``.npy`` array straight from the file with positional reads (``os.preadv``).
+
+    Reads go through the page cache, not a memory map of the process, so reading a store larger
+    than memory keeps the process's resident memory at the size of the batches. Thread-safe.
+    """
+
+    def __init__(self, path: str | Path):
+        self._fd: int | None = None
+        self._pid = -1
+        array = np.load(path, mmap_mode="r")
+        self.path = str(path)
+        self.shape = array.shape
+        self.offset = int(array.offset)
+        self.row_bytes = int(np.prod(array.shape[1:]))
+        del array
+
+    def _file(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def read_into(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """``out[i] = array[rows[i]]``; ``out`` is a C-contiguous uint8 array of len(rows) rows.
+        Rows are read in file order; runs of consecutive rows with one read."""
+        fd, n = self._file(), len(rows)
+        flat = memoryview(out.reshape(n, self.row_bytes)).cast("B")
+        order = np.argsort(rows, kind="stable")
+        i = 0
+        while i < n:
+            j = i + 1
+            while j < n and rows[order[j]] == rows[order[j - 1]] + 1 and order[j] == order[j - 1] + 1:
+                j += 1
+            first, row = int(order[i]), int(rows[order[i]])
+            view = flat[first * self.row_bytes:(first + j - i) * self.row_bytes]
+            position = self.offset + row * self.row_bytes
+            while len(view):
+                got = os.preadv(fd, [view], position)
+                if got <= 0:
+                    raise UserError(f"{self.path} is truncated (row {row}); prepare the store again")
+                view, position = view[got:], position + got
+            i = j
+
+    def __getstate__(self):
+        return {**self.__dict__, "_fd": None, "_pid": -1}
+
+    def __del__(self):
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+class StoreView:
+    """Some rows of a store's images, read on demand: behaves like an ``N x S x S x C`` uint8 array
+    for ``len``, ``shape``, ``dtype``, ``nbytes`` and slicing (``view[idx]`` is again a view);
+    ``np.asarray(view)`` or ``view.take(idx)`` reads the pixels."""
+
+    ndim = 4
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, reader: RowReader, rows: np.ndarray):
+        self.reader = reader
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows),) + tuple(self.reader.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * self.reader.row_bytes
+
+    def __getitem__(self, key) -> "StoreView | np.ndarray":
+        if isinstance(key, (int, np.integer)):
+            return self.take(np.asarray([key]))[0]
+        return StoreView(self.reader, self.rows[key])
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """The images at positions ``idx`` of this view, as an array."""
+        rows = self.rows[np.asarray(idx, dtype=np.int64)]
+        out = np.empty((len(rows),) + self.shape[1:], dtype=np.uint8)
+        self.reader.read_into(rows, out)
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.uint8)
+        step = max(1, (64 << 20) // max(self.reader.row_bytes, 1))
+        for start in range(0, len(self.rows), step):
+            self.reader.read_into(self.rows[start:start + step], out[start:start + step])
+        return out if dtype is None else out.astype(dtype)
+
+    def copy(self) -> np.ndarray:
+        return np.asarray(self)
+
+
+# ------------------------------------------------------------------------------------------ the store
+
+
+class Store:
+    """An opened store folder: its manifest, samples and row status (see the module docstring)."""
+
+    reused = False  # set by build_store when a complete store was asked for again
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest_path = self.path / MANIFEST
+        if not manifest_path.is_file():
+            raise UserError(f"{self.path} is not an image store (no {MANIFEST}); make one with `cdmix prepare`")
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"cannot read {manifest_path}: {exc}") from None
+        if self.manifest.get("format") != FORMAT:
+            raise UserError(f"{manifest_path} is not a cdmix image store manifest")
+        if self.manifest.get("version") != VERSION:
+            raise UserError(f"{self.path} is a version {self.manifest.get('version')} store; this cdmix reads "
+                            f"version {VERSION}: prepare it again into a new folder")
+        self.samples = Samples.read_csv(self.path / SAMPLES)
+        self.status = np.load(self.path / STATUS)
+
+    size = property(lambda self: int(self.manifest["size"]))
+    channels = property(lambda self: int(self.manifest["channels"]))
+    complete = property(lambda self: bool(self.manifest.get("complete")))
+    class_names = property(lambda self: list(self.manifest["class_names"]))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def decoded(self) -> np.ndarray:
+        """(N,) bool: rows holding an image (not skipped)."""
+        return self.status == DECODED
+
+    def skipped_count(self) -> int:
+        return int((self.status == UNREADABLE).sum())
+
+    def view(self, rows: np.ndarray) -> StoreView:
+        return StoreView(RowReader(self.path / IMAGES), rows)
+
+    def mean_std(self, rows: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std (x in [0, 1]) over the images at ``rows``, from the build's stats."""
+        stats = np.load(self.path / STATS, mmap_mode="r")[np.sort(np.asarray(rows))]
+        c = self.channels
+        mean = stats[:, :c].mean(0)
+        std = np.sqrt(np.maximum(stats[:, c:].mean(0) - mean * mean, 0.0))
+        std[std == 0] = 1.0
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def open_store(path: str | Path) -> Store:
+    """A complete store (a one-line ``UserError`` for a missing, foreign or unfinished one)."""
+    store = Store(path)
+    if not store.complete:
+        raise UserError(f"the store {store.path} is unfinished ({int((store.status != PENDING).sum())} of "
+                        f"{len(store)} images); run the same `cdmix prepare` again to finish it")
+    return store
+
+
+@contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive lock on ``folder`` (two processes, e.g. torchrun ranks, never build at once)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info(f"waiting for another process that is building {folder}")
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def _check_same(store: Store, samples: Samples, size: int, channels: int, source: str) -> None:
+    """Refuse a store made at another size or from other files than asked (one line: what differs)."""
+    where = f"the store {store.path}"
+    if store.size != size:
+        raise UserError(f"{where} holds {store.size} px images, {size} px were asked; use --size {store.size} "
+                        f"or --out elsewhere for a new store")
+    if store.channels != channels:
+        raise UserError(f"{where} holds {store.channels}-channel images, {channels}-channel were asked; "
+                        f"use --out elsewhere for a new store")
+    if store.manifest["files_hash"] != samples.files_hash():
+        raise UserError(f"{where} was built from other files than {source} "
+                        f"({describe_difference(store.samples, samples)}); use --out elsewhere for a new store")
+
+
+ChunkSource = Callable[[list[np.ndarray]], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]]]
+
+
+def build_store(out: str | Path, samples: Samples, class_names: list[str], size: int, produce: ChunkSource, *,
+                channels: int = 3, source: str = "", chunk_size: int = 64, progress: bool = True,
+                commit_every: float = 2.0, after_commit: Callable[[int], None] | None = None) -> Store:
+    """Build (or finish, or reuse) the store ``out`` of ``samples`` at ``size`` px.
+
+    ``produce(chunks)`` turns a list of row-index chunks into (rows, images k x S x S x C uint8,
+    their ``image_stats``, failures [(row, reason)]) in any order. A complete store of the same
+    files and size is reused (labels refreshed if they changed); one of other files or another
+    size raises ``UserError``.
+    Every ``commit_every`` seconds the finished rows are synced to disk and only then marked done
+    in ``status.npy``; ``after_commit(done)`` is called after each commit (tests use it to
+    simulate a kill). Returns the opened, complete store.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; give --out a folder for the store")
+    n = len(samples)
+    with _locked(out):
+        if (out / MANIFEST).is_file():
+            existing = Store(out)
+            _check_same(existing, samples, size, channels, source)
+            if existing.complete:
+                _refresh_labels(existing, samples, class_names)
+                store = open_store(out)
+                store.reused = True
+                return store
+        else:
+            if any(p.name != ".lock" for p in out.iterdir()):
+                raise UserError(f"{out} is not empty and not an image store; use --out with a new or empty folder")
+            _start(out, samples, class_names, size, channels, source)
+        _fill(out, samples, size, channels, produce, chunk_size, progress, commit_every, after_commit)
+        store = Store(out)
+        if n and not store.decoded.any():
+            first = (out / SKIPPED).read_text().splitlines()[:1]
+            raise UserError(f"none of the {n} images could be decoded (first: {first[0] if first else '?'})")
+        manifest = {**store.manifest, "complete": True, "skipped": store.skipped_count()}
+        atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return open_store(out)
+
+
+def _start(out: Path, samples: Samples, class_names: list[str], size: int, channels: int, source: str) -> None:
+    n = len(samples)
+    np.lib.format.open_memmap(out / IMAGES, mode="w+", dtype=np.uint8, shape=(n, size, size, channels)).flush()
+    np.lib.format.open_memmap(out / STATS, mode="w+", dtype=np.float64, shape=(n, 2 * channels)).flush()
+    atomic_write(out / STATUS, lambda fh: np.save(fh, np.zeros(n, dtype=np.int8)))
+    atomic_write(out / SKIPPED, "")
+    atomic_write(out / SAMPLES, samples.to_csv())
+    manifest = {"format": FORMAT, "version": VERSION, "source": source, "count": n, "size": size,
+                "channels": channels, "class_names": list(class_names), "files_hash": samples.files_hash(),
+                "geometry": "short side resized to size (bilinear, antialiased), center crop size x size",
+                "complete": False}
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+
+
+def _refresh_labels(store: Store, samples: Samples, class_names: list[str]) -> None:
+    old = store.samples
+    if np.array_equal(old.labels, samples.labels) and old.splits == samples.splits \
+            and store.class_names == list(class_names):
+        return
+    changed = int((old.labels != samples.labels).sum())
+    atomic_write(store.path / SAMPLES, samples.to_csv())
+    atomic_write(store.path / MANIFEST, json.dumps({**store.manifest, "class_names": list(class_names)},
+                                                   indent=1) + "\n")
+    log.info(f"{store.path}: images reused, labels updated from the source ({changed} changed)")
+
+
+def _fill(out: Path, samples: Samples, size: int, channels: int, produce: ChunkSource, chunk_size: int,
+          progress: bool, commit_every: float, after_commit) -> None:
+    """Decode every pending row, committing finished rows every ``commit_every`` seconds."""
+    from tqdm import tqdm
+
+    status = np.load(out / STATUS)
+    skipped = _read_skipped(out)
+    pending = np.flatnonzero(status == PENDING)
+    chunks = [pending[i:i + chunk_size] for i in range(0, len(pending), chunk_size)]
+    row_bytes = size * size * channels
+    image_file, stats_file = open(out / IMAGES, "r+b"), open(out / STATS, "r+b")
+    image_offset = int(np.load(out / IMAGES, mmap_mode="r").offset)
+    stats_offset = int(np.load(out / STATS, mmap_mode="r").offset)
+    finished: list[tuple[np.ndarray, bool]] = []  # rows on disk but not yet marked, and whether each decoded
+
+    def commit() -> None:
+        if not finished:
+            return
+        for f in (image_file, stats_file):
+            f.flush()
+            os.fdatasync(f.fileno())
+        atomic_write(out / SKIPPED, "".join(f"{samples.names[r]}\t{why}\n" for r, why in sorted(skipped.items())))
+        for rows, ok in finished:
+            status[rows] = np.where(ok, DECODED, UNREADABLE)
+        atomic_write(out / STATUS, lambda fh: np.save(fh, status))
+        finished.clear()
+        if after_commit is not None:
+            after_commit(int((status != PENDING).sum()))
+
+    last = time.monotonic()
+    try:
+        with tqdm(total=len(samples), initial=len(samples) - len(pending), unit="img", dynamic_ncols=True,
+                  desc=f"decoding into {out.name}", disable=not progress) as bar:
+            for rows, images, stats, failures in produce(chunks):
+                ok = np.ones(len(rows), dtype=bool)
+                for row, why in failures:
+                    ok[rows == row] = False
+                    skipped[row] = why
+                if len(rows) and np.all(np.diff(rows) == 1):  # the usual case: one write per file
+                    runs = [(0, len(rows))]
+                else:
+                    runs = [(i, i + 1) for i in range(len(rows))]
+                for a, b in runs:
+                    os.pwrite(image_file.fileno(), images[a:b].tobytes(), image_offset + int(rows[a]) * row_bytes)
+                    os.pwrite(stats_file.fileno(), stats[a:b].tobytes(),
+                              stats_offset + int(rows[a]) * stats.shape[1] * 8)
+                finished.append((rows, ok))
+                bar.update(len(rows))
+                if time.monotonic() - last >= commit_every:
+                    commit()
+                    last = time.monotonic()
+        commit()
+    finally:
+        try:
+            commit()  # what is on disk is kept (also when interrupted)
+        finally:
+            image_file.close()
+            stats_file.close()
+
+
+def _read_skipped(out: Path) -> dict[int, str]:
+    """{row: reason} of the images already found unreadable (a restarted build keeps them)."""
+    status_rows = {}
+    path = out / SKIPPED
+    if not path.is_file():
+        return status_rows
+    index = {name: i for i, name in enumerate(Samples.read_csv(out / SAMPLES).names)}
+    for line in path.read_text().splitlines():
+        name, _, why = line.partition("\t")
+        if name in index:
+            status_rows[index[name]] = why
+    return status_rows
+
+
+def file_samples(paths: Sequence[Path], names: Sequence[str], labels: np.ndarray,
+                 splits: Sequence[str]) -> Samples:
+    """``Samples`` of image files (their size and modification time go into the files hash)."""
+    stats = [os.stat(p) for p in paths]
+    return Samples(list(names), np.asarray(labels, dtype=np.int64), list(splits), [s.st_size for s in stats],
+                   [s.st_mtime_ns for s in stats])
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux MemAvailable; free pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def array_chunks(images_of: Callable[[], Iterator[np.ndarray]], size: int, chunks: list[np.ndarray]):
+    """``produce`` for an already decoded source (an npz): ``images_of()`` yields the source's
+    images in row order, in blocks; the pending chunks' rows are resized to ``size`` (short side,
+    center crop) when the source has another size."""
+    from PIL import Image
+
+    wanted = {int(r): k for k, rows in enumerate(chunks) for r in rows}
+    parts: dict[int, dict[int, np.ndarray]] = {k: {} for k in range(len(chunks))}
+    row = 0
+    for block in images_of():
+        for image in block:
+            k = wanted.get(row)
+            if k is not None:
+                if image.shape[:2] != (size, size):
+                    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+                    image = np.asarray(fit_square(pil, size), dtype=np.uint8).reshape(size, size, -1)
+                parts[k][row] = image
+                if len(parts[k]) == len(chunks[k]):
+                    rows = chunks[k]
+                    images = np.stack([parts[k].pop(int(r)) for r in rows])
+                    yield rows, images, image_stats(images), []
+            row += 1
