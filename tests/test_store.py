@@ -374,3 +374,21 @@ def test_two_processes_train_from_a_store(tmp_path):
     assert "(2 processes)" in out and "images on disk" in out
     rows = runs.read_metrics(tmp_path / "run")
     assert len(rows) == 3 and all(r["division_ranks_agree"] == 1 for r in rows[1:])
+
+
+def test_a_rewritten_image_with_its_old_size_and_mtime_is_decoded_again(tmp_path):
+    """The cache key is not fooled by new pixels behind the old size and modification time."""
+    photos = tmp_path / "photos"
+    for cls in ("cat", "dog"):
+        (photos / cls).mkdir(parents=True)
+        for i in range(6):  # BMP: the file size depends only on the image size
+            Image.fromarray(_picture(i + (10 if cls == "dog" else 0), (20, 20))).save(photos / cls / f"{i}.bmp")
+    path = photos / "cat" / "0.bmp"
+    first = load_source("folder", str(photos), image_size=16, progress=False)
+    before = os.stat(path)
+    Image.fromarray(255 - _picture(0, (20, 20))).save(path)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    second = load_source("folder", str(photos), image_size=16, progress=False)
+    both = [np.concatenate([np.asarray(d.train_images), np.asarray(d.test_images)]) for d in (first, second)]
+    assert not np.array_equal(*both)

@@ -255,7 +255,7 @@ class RunLock:
         except OSError as exc:
             raise UserError(f"cannot create the lock file {self.path}: {exc.strerror or exc}") from None
         try:
-            fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._take(fcntl)
         except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read(300).decode("utf-8", "replace").strip() or "a process that has not said which"
@@ -270,6 +270,19 @@ class RunLock:
         since = time.strftime("%Y-%m-%d %H:%M:%S")
         self.file.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {since}\n".encode())
         self.file.flush()
+
+    def _take(self, fcntl: Any, grace: float = 10.0) -> None:
+        """The lock, waiting up to ``grace`` seconds: a run killed a moment ago may still be exiting
+        (the kernel frees its lock only when its last process is gone)."""
+        deadline = time.monotonic() + grace
+        while True:
+            try:
+                fcntl.flock(self.file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def release(self) -> None:
         if self.file is not None and not self.file.closed:

@@ -814,7 +814,7 @@ def _npz_store(path: Path, headers: dict, out: Path, size: int | None, progress:
     st = path.stat()
     samples = Samples([f"train/{i}" for i in range(n_train)] + [f"test/{i}" for i in range(n_test)], labels,
                       ["train"] * n_train + ["test"] * n_test, [st.st_size] * len(labels),
-                      [st.st_mtime_ns] * len(labels))
+                      [max(st.st_mtime_ns, st.st_ctime_ns)] * len(labels))
 
     def produce(chunks):
         return array_chunks(lambda: _npz_blocks(path, ["train_images", "test_images"]), size, chunks)
@@ -826,7 +826,7 @@ def _npz_store(path: Path, headers: dict, out: Path, size: int | None, progress:
 def _load_large_npz(path: Path, headers: dict, cache_dir: str | None, progress: bool) -> RawData:
     cache = _writable(Path(cache_dir).expanduser() if cache_dir else path.parent / CACHE_DIR_NAME)
     st = path.stat()
-    key = hashlib.sha256(f"{path.name}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{path.name}|{st.st_size}|{max(st.st_mtime_ns, st.st_ctime_ns)}".encode()).hexdigest()[:20]
     store = _npz_store(path, headers, cache / f"store_npz_{key}", None, progress)
     is_test = np.asarray([s == "test" for s in store.samples.splits])
     raw = store_raw_data(store, store.samples.labels, is_test, store.class_names, seed=0)

@@ -4,6 +4,7 @@ A store is a folder::
 
     manifest.json  format, version, source, count, size, channels, class names, files hash, complete
     samples.csv    one row per sample: path (relative to the source) or id, label, split, bytes, mtime_ns
+                   (the later of the file's mtime and ctime)
     images.npy     N x S x S x C uint8, a plain .npy (``np.load(path, mmap_mode="r")`` maps it)
     stats.npy      N x 2C float64: per image, the channel means of x and of x^2 (x in [0, 1])
     status.npy     N int8: 0 not decoded yet, 1 decoded, 2 skipped (unreadable)
@@ -514,12 +515,18 @@ def _read_skipped(out: Path) -> dict[int, str]:
     return status_rows
 
 
+def _changed_ns(stat: os.stat_result) -> int:
+    """When a file last changed: its ctime, which also moves when the content is rewritten and the
+    modification time set back (``touch -d``), so such a file is not mistaken for its old self."""
+    return max(stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def file_samples(paths: Sequence[Path], names: Sequence[str], labels: np.ndarray,
                  splits: Sequence[str]) -> Samples:
     """``Samples`` of image files (their size and modification time go into the files hash)."""
     stats = [os.stat(p) for p in paths]
     return Samples(list(names), np.asarray(labels, dtype=np.int64), list(splits), [s.st_size for s in stats],
-                   [s.st_mtime_ns for s in stats])
+                   [_changed_ns(s) for s in stats])
 
 
 def available_memory() -> int:
