@@ -51,20 +51,24 @@ def flagged_quality(flagged: np.ndarray, noisy: np.ndarray) -> tuple[int, float,
     return n, precision, float((flagged & noisy).sum() / max(noisy.sum(), 1))
 
 
-def out_of_fold_pred_probs(data: dict, folds: int, seed: int, budget: dict, keep: Path | None) -> np.ndarray:
-    """pred_probs of every sample from the CE net trained on the other folds (stratified by given label)."""
+def out_of_fold_pred_probs(data: dict, folds: int, seed: int, budget: dict,
+                           keep: Path | None) -> tuple[np.ndarray, float]:
+    """pred_probs of every sample from the CE net trained on the other folds (stratified by given label),
+    and the folds' training seconds."""
     from sklearn.model_selection import StratifiedKFold
 
     labels = data["labels"]
     pred_probs = np.zeros((len(labels), 10), dtype=np.float32)
+    seconds = 0.0
     for k, (train, held) in enumerate(StratifiedKFold(folds, shuffle=True, random_state=seed).split(labels, labels)):
         t0 = time.perf_counter()
         out = {"out": str(keep / f"fold{k + 1}")} if keep else {}
         run = cdmix.train(data["images"][train], labels[train], method="standard", val_fraction=0.0, seed=seed,
                           progress=False, class_names=[str(c) for c in range(10)], **budget, **out)
         pred_probs[held] = run.model(data["images"][held])
+        seconds += run.summary["seconds_total"]
         print(f"  fold {k + 1}/{folds}: {time.perf_counter() - t0:.0f} s", flush=True)
-    return pred_probs
+    return pred_probs, seconds
 
 
 def main() -> None:
@@ -106,22 +110,26 @@ def main() -> None:
         print(line, flush=True)
 
     print(f"{len(noisy)} training images, {noisy.mean():.1%} mislabeled (K = {int(noisy.sum())})", flush=True)
-    t0 = time.perf_counter()
-    _, result = cdmix.find_label_issues(data["images"], data["labels"], seed=args.seed, return_result=True,
-                                        test_images=data["test_images"], test_labels=data["test_labels"],
-                                        true_labels=data["true"], **budget,
-                                        **({"out": str(keep / "cdmix")} if keep else {}))
-    seconds_cdmix = time.perf_counter() - t0
+    if keep and (keep / "cdmix" / "checkpoint.pt").is_file():  # an interrupted benchmark: finish that run
+        from cdmix.issues import LabelIssueResult
+
+        result = LabelIssueResult.from_run(cdmix.resume(keep / "cdmix"))
+    else:
+        _, result = cdmix.find_label_issues(data["images"], data["labels"], seed=args.seed, return_result=True,
+                                            test_images=data["test_images"], test_labels=data["test_labels"],
+                                            true_labels=data["true"], **budget,
+                                            **({"out": str(keep / "cdmix")} if keep else {}))
     summary = result.run.summary
+    # Seconds: the runs' own training time (summary.json's seconds_total, summed over a resume) plus
+    # the ranking's own time, for every tool alike.
+    seconds_cdmix = summary["seconds_total"]
     print(f"cdmix: {seconds_cdmix:.0f} s, test accuracy last {summary['test_acc_last']:.2f}%, warm-up "
           f"{summary.get('warmup_epochs')} epochs ({summary.get('warmup_rule')})", flush=True)
     row("cdmix (DivideMix)", "issue_score", result.issue_score, result.flagged, seconds_cdmix)
 
-    t0 = time.perf_counter()
-    oof = out_of_fold_pred_probs(data, args.folds, args.seed, budget, keep)
+    oof, seconds_oof = out_of_fold_pred_probs(data, args.folds, args.seed, budget, keep)
     if keep:
         np.save(keep / "oof_pred_probs.npy", oof)
-    seconds_oof = time.perf_counter() - t0
     oof_acc = float((oof.argmax(1) == data["true"]).mean())
     t1 = time.perf_counter()
     quality = get_label_quality_scores(data["labels"], oof)
