@@ -120,9 +120,11 @@ def warm(path: Path) -> None:
             pass
 
 
-def data_path(store: Path, crop: int, steps: int, batch: int = 64) -> dict:
+def data_path(store: Path, crop: int, steps: int, threads: int, batch: int = 64) -> dict:
     """images/s of the data path alone (no model): HostImages from the store, DeviceImages in memory."""
     import torch
+
+    torch.set_num_threads(threads)
 
     from cdmix.data.batches import DeviceImages
     from cdmix.data.host_images import HostImages
@@ -288,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         report("build_1_worker", build(folder, args.work / "store_1worker", args.size, 1))
         shutil.rmtree(args.work / "store_1worker", ignore_errors=True)
     if "data" not in args.skip:
-        report("data_path", data_path(store, args.crop, args.steps))
+        for threads in (1, 2):
+            report(f"data_path_{threads}_thread", data_path(store, args.crop, args.steps, threads))
     if "epoch" not in args.skip:
         from cdmix.data.sources import prepare_store
 
