@@ -12,9 +12,10 @@
 4. A 1-epoch DivideMix run (ResNet-18 of ``--width``, 224 px crops, batch 32) on the first
    ``--train-images`` images with ``--data-placement device`` and ``disk``: seconds, peak resident
    memory, and whether the two runs are bit-identical.
-5. The same DivideMix epoch on the whole store with ``--data-placement disk`` (``--p-threshold
-   0.99``: a short co-training, while the division's loss passes, the test pass and the label
-   issues still read every image): peak resident memory against the store's size.
+5. The same DivideMix epoch on the whole store with ``--data-placement disk`` and ``--p-threshold
+   1`` (no sample passes it, so each net trains on one batch of the 32 most likely clean samples
+   against the unlabeled rest: a short co-training, while the division's loss passes, the test
+   pass and the label issues still read every image): peak resident memory against the store's size.
 
     python benchmarks/store.py --work /tmp/storebench --out docs/store_bench.json
 
@@ -127,9 +128,10 @@ def data_path(store: Path, crop: int, steps: int, threads: int, batch: int = 64)
     torch.set_num_threads(threads)
 
     from cdmix.data.batches import DeviceImages
-    from cdmix.data.host_images import HostImages
+    from cdmix.data.host_images import HostImages, reuse_freed_host_memory
     from cdmix.data.sources import load_source
 
+    reuse_freed_host_memory()  # as a training run does (engine.Trainer)
     raw = load_source("store", str(store), seed=0)
     warm(store / "images.npy")
     results = {"threads": torch.get_num_threads(), "batch": batch, "crop": crop}
@@ -169,14 +171,15 @@ def subset_csv(folder: Path, count: int, path: Path) -> Path:
     return path
 
 
-def train_child(store: Path, out: Path, placement: str, width: int, extra: list[str]) -> dict:
+def train_child(store: Path, out: Path, placement: str, width: int, extra: list[str], threads: int | None) -> dict:
     """One 1-epoch DivideMix run in a fresh process: seconds, its peak resident memory, its metrics."""
     args = ["train", "--dataset", "store", "--data-path", str(store), "--method", "dividemix", "--epochs", "1",
             "--warmup", "0", "--model", "resnet18", "--width", str(width), "--batch-size", "32",
             "--eval-batch-size", "64", "--data-placement", placement, "--no-progress", "--overwrite",
             "--out", str(out), *extra]
     t0, before = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env)
     wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if proc.returncode != 0:
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=8, help="ResNet-18 width of the DivideMix epochs")
     parser.add_argument("--repeats", type=int, default=1, help="device / disk epoch pairs (alternating)")
     parser.add_argument("--skip", nargs="*", default=[], choices=("build", "build1", "data", "epoch", "full"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the training runs (default: "
+                        "torch's choice; 1 keeps runs comparable when other jobs share the cores)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--gpu", action="store_true", help="the CUDA check instead of steps 3-5 (see above)")
     parser.add_argument("--gpu-model", default="resnet50")
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_store(subset_csv(folder, args.train_images, args.work / "subset.csv"), small, args.size,
                       workers=2, progress=False)
         for repeat in range(args.repeats):  # alternating, so load from other jobs hits both alike
-            runs = {p: train_child(small, args.work / f"run_{p}", p, args.width, []) for p in ("device", "disk")}
+            runs = {p: train_child(small, args.work / f"run_{p}", p, args.width, [], args.threads) for p in ("device", "disk")}
             report(f"epoch_device_{repeat}", runs["device"])
             report(f"epoch_disk_{repeat}", runs["disk"])
         report("epoch_overhead", {
@@ -310,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             "bit_identical_metrics": (_strip_seconds(runs["disk"]["metrics"])
                                       == _strip_seconds(runs["device"]["metrics"]))})
     if "full" not in args.skip:
-        run = train_child(store, args.work / "run_full", "disk", args.width, ["--p-threshold", "0.99"])
+        run = train_child(store, args.work / "run_full", "disk", args.width, ["--p-threshold", "1.0"], args.threads)
         run["store_gb"] = (store / "images.npy").stat().st_size / 1e9
         report("epoch_full_store_disk", run)
     return 0

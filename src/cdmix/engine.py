@@ -23,7 +23,7 @@ from cdmix import distributed, runs
 from cdmix.atomic import atomic_write
 from cdmix.config import (Config, crop_size_for, load_json, noise_setting, normalization_for, resolve, save_json,
                           validate)
-from cdmix.data.host_images import choose_placement, place_images
+from cdmix.data.host_images import choose_placement, place_images, reuse_freed_host_memory
 from cdmix.data.noise import apply_noise
 from cdmix.data.sources import load_source
 from cdmix.data.types import RawData
@@ -173,6 +173,7 @@ class Trainer:
         raw = data.raw
         device = torch.device(config.device)
         channels_last = device.type == "cuda"
+        reuse_freed_host_memory()  # large host blocks (batches, CPU activations) are reused, not refaulted
         if channels_last:
             torch.backends.cudnn.benchmark = True  # fixed batch shapes: let cuDNN pick its kernels
         labels = torch.as_tensor(raw.train_labels, dtype=torch.int64)

@@ -20,6 +20,8 @@ for a source without a store).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import platform
 import threading
 import time
 from collections import deque
@@ -171,6 +173,28 @@ class HostImages:
         elif augment:
             images = random_crop_flip(images, self.pad, generator)
         return normalise(images, self.scale, self.shift, self.channels_last)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def reuse_freed_host_memory(limit: int = 1 << 30) -> bool:
+    """Let glibc's malloc keep and reuse freed blocks of up to ``limit`` bytes.
+
+    By default glibc hands every block over 32 MB straight back to the kernel, so each 224 px batch
+    (64 x 3 x 224 x 224 floats = 38 MB) and each large activation is fresh memory whose pages fault
+    in on first touch: on a 2-core VM that made normalising a batch of 64 at 224 px 40% slower and a
+    training step of a width-8 ResNet-18 (batch 32, 224 px) 15% slower. Raising the thresholds keeps
+    those blocks for the next batch; peak resident memory of that step did not change (537 vs 549 MB).
+    A no-op off glibc; returns whether it applied.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2 * limit))
 
 
 def free_memory(device: torch.device) -> int:
