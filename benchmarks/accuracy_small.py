@@ -16,6 +16,7 @@ mislabeled). For CE that is the ranking of its own final net (1 - probability of
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -72,7 +73,8 @@ def ranking_quality(issue_score: np.ndarray, noisy: np.ndarray) -> tuple[float, 
 
 
 def run_one(folder: Path, name: str, method: str, seed: int, values: dict) -> dict:
-    out = folder / f"{name.split()[0]}-{values.get('noise_mode')}-{values.get('noise_rate')}-{method}-{seed}"
+    tag = "-".join(f"{k}{v}" for k, v in sorted(values.items()) if k not in ("dataset", "data_path"))
+    out = folder / f"{name.split()[0]}-{tag}-{method}-{seed}"
     t0 = time.perf_counter()
     result = cdmix.train(Config(method=method, seed=seed, out=str(out), progress=False, **values))
     issues = cdmix.rank_label_issues(result.run_dir)
@@ -100,7 +102,12 @@ def main() -> None:
     parser.add_argument("--cifar-epochs", type=int, default=20, help="epochs for CIFAR (default 20)")
     parser.add_argument("--keep", default=None, help="keep the run folders here (default: a temporary folder)")
     parser.add_argument("--methods", default="standard,dividemix", help="comma-separated (default both)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a Config field for every run, e.g. --set class_floor=0 (an ablation; repeatable)")
+    parser.add_argument("--seed-start", type=int, default=0, help="first seed (seeds seed-start .. +seeds-1)")
     args = parser.parse_args()
+    extra = {key: json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+             for key, value in (item.split("=", 1) for item in args.set)}
     if args.threads:
         torch.set_num_threads(args.threads)
     lines = ["| setting | method | test acc best | test acc last | issue ranking ROC-AUC | precision@K | "
@@ -112,9 +119,11 @@ def main() -> None:
             if args.only and args.only not in name:
                 continue
             for method in args.methods.split(","):
-                results = [run_one(folder, name, method, seed, values) for seed in range(args.seeds)]
+                results = [run_one(folder, name, method, seed, {**values, **extra})
+                           for seed in range(args.seed_start, args.seed_start + args.seeds)]
                 warmups = sorted({r["warmup"] for r in results if r["warmup"] is not None})
-                line = (f"| {name} | {method} | {fmt([r['best'] for r in results])} | "
+                label = " ".join([method, *args.set])
+                line = (f"| {name} | {label} | {fmt([r['best'] for r in results])} | "
                         f"{fmt([r['last'] for r in results])} | {fmt([r['auc'] for r in results], 3)} | "
                         f"{fmt([r['p_at_k'] for r in results], 3)} | {', '.join(map(str, warmups)) or '-'} | "
                         f"{np.mean([r['seconds'] for r in results]):.0f} |")

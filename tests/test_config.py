@@ -68,6 +68,10 @@ def test_resolve_fills_auto_fields_and_round_trips(tmp_path):
     assert config.model == "small_cnn" and config.warmup is not None and config.epochs is not None
     assert config.neg_entropy is False
     assert resolve(Config(noise_mode="asym"), 10, 32).neg_entropy is True
+    # The unlabeled loss: 25, but 0 under asymmetric noise (official); an explicit value always wins.
+    assert config.lambda_u == 25.0 and resolve(Config(noise_mode="sym", noise_rate=0.6), 10, 8).lambda_u == 25.0
+    assert resolve(Config(noise_mode="asym", noise_rate=0.4), 10, 8).lambda_u == 0.0
+    assert resolve(Config(noise_mode="asym", noise_rate=0.4, lambda_u=5.0), 10, 8).lambda_u == 5.0
     save_json(config, tmp_path / "config.json")
     assert load_json(tmp_path / "config.json") == config
     assert json.loads((tmp_path / "config.json").read_text())["model"] == "small_cnn"

@@ -29,6 +29,7 @@ CIFARN_LABEL_SETS = ("worst", "aggre", "random1", "random2", "random3", "noisy")
 WARMUP_MIN_STEPS = 200
 WARMUP_MAX_STEPS = 4000
 AUTO_WARMUP_METHODS = ("dividemix",)
+LAMBDA_U = 25.0  # DivideMix's unlabeled loss weight unless the noise is known to be asymmetric
 DIGITS_EPOCHS = 40  # the built-in demo: room for the auto warm-up's 200-step floor and 15+ DivideMix epochs
 GROUPS = ("data", "model", "method", "Jo-SRC & hybrid", "stabilisers", "optimisation", "system")
 
@@ -138,7 +139,9 @@ class Config:
                                     "per net, or 10 epochs when those come first", bounds="[1, inf)")
     warmup_max_steps: int = setting(WARMUP_MAX_STEPS, "method", "--warmup auto: at most this many optimiser steps "
                                     "per net (and never past two thirds of the epochs)", bounds="[1, inf)")
-    lambda_u: float = setting(25.0, "method", "weight of the unlabeled loss (DivideMix)", bounds="[0, inf)")
+    lambda_u: float | None = setting(None, "method", "weight of the unlabeled loss (DivideMix; default 25, and 0 "
+                                     "under synthetic asymmetric noise, as the official code's asym setting)",
+                                     bounds="[0, inf)")
     p_threshold: float = setting(0.5, "method", "clean probability threshold of the division", bounds="[0, 1]")
     alpha: float = setting(4.0, "method", "MixUp Beta(alpha, alpha)", bounds="(0, inf)")
     temperature: float = setting(0.5, "method", "sharpening temperature", bounds="(0, inf)")
@@ -378,6 +381,11 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
     if neg_entropy is None:
         # Official: the penalty is on whenever the noise mode is asym, also for a noise file.
         neg_entropy = noise_mode == "asym"
+    lambda_u = config.lambda_u
+    if lambda_u is None:
+        # Official: 0 for asymmetric noise (the unlabeled loss on the co-guesses of a class's flipped
+        # members cost digits asym 40% 10-16 points, docs/RESULTS.md), 25 otherwise.
+        lambda_u = 0.0 if noise_mode == "asym" else LAMBDA_U
     return config.replace(
         device=device,
         normalization=normalization_for(config),
@@ -386,6 +394,7 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
         epochs=epochs,
         model=model,
         neg_entropy=neg_entropy,
+        lambda_u=lambda_u,
         noise_mode=noise_mode,
         noise_rate=noise_rate,
         amp=device.startswith("cuda") if config.amp is None else config.amp,
