@@ -3,6 +3,7 @@ layouts, and the Inception-ResNet-v2 model."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cdmix.config import build_config
 from cdmix.data.realworld import (
     ANIMAL10N_CLASSES,
     CLOTHING1M_CLASSES,
@@ -20,7 +22,9 @@ from cdmix.data.realworld import (
     read_food101n,
     read_webvision,
 )
+from cdmix.data.sources import CLOTHING1M_MEAN, load_source
 from cdmix.errors import UserError
+from cdmix.methods.epoch_subsets import DIVIDE_DRAW, WARMUP_DRAW, class_balanced_subset
 from cdmix.models.inception_resnet_v2 import inception_resnet_v2
 
 
@@ -393,3 +397,219 @@ def test_inception_resnet_v2_forward_299_and_227(irv2: torch.nn.Module) -> None:
     with torch.no_grad():
         assert irv2.features(torch.randn(1, 3, 299, 299)).shape == (1, 1536, 8, 8)
         assert irv2(torch.randn(1, 3, 227, 227)).shape == (1, 1000)  # DivideMix's WebVision crop
+
+
+# ------------------------------------------------------------- sources, engine and presets end to end
+# Trees with every class present (Clothing1M's 14, WebVision-mini's 50), 8 px images; the runs shrink each
+# preset with overrides (a width-4 ResNet, 64 px images, batch 4-8, 2-3 epochs) and keep the rest of it.
+
+TINY = {"width": 4, "image_size": 64, "crop_size": 56, "device": "cpu", "progress": False}
+
+
+def _clothing_tree(root: Path, per_class: int = 3) -> Path:
+    """14 classes x ``per_class`` noisy training images (each class's first one mislabelled as the next
+    class), one clean val and test image per class, 7 clean-train images."""
+    train = [f"images/{c % 10}/{c:02d}/t{c}_{j}.jpg" for c in range(14) for j in range(per_class)]
+    noisy = {k: (i // per_class + (i % per_class == 0)) % 14 for i, k in enumerate(train)}
+    val = [f"images/v/{c:02d}/v{c}.jpg" for c in range(14)]
+    test = [f"images/s/{c:02d}/s{c}.jpg" for c in range(14)]
+    clean_train = [f"images/c/{c:02d}/c{c}.jpg" for c in range(0, 14, 2)]
+    clean = {k: i % 14 for i, k in enumerate(val + test + clean_train)}
+    _write(root / "noisy_label_kv.txt", [f"{k} {v}" for k, v in noisy.items()])
+    _write(root / "clean_label_kv.txt", [f"{k} {v}" for k, v in clean.items()])
+    _write(root / "noisy_train_key_list.txt", train)
+    _write(root / "clean_train_key_list.txt", clean_train)
+    _write(root / "clean_val_key_list.txt", val)
+    _write(root / "clean_test_key_list.txt", test)
+    for key, label in {**noisy, **clean}.items():
+        _image(root / key, 18 * label, size=8)
+    return root
+
+
+def _webvision_tree(root: Path) -> Path:
+    """WebVision-mini's 50 classes: 2 Google images each (plus a class-60 line that is left out), one
+    WebVision val image each, one ILSVRC2012 val image per synset folder."""
+    wnids = [f"n{1000000 + c:08d}" for c in range(50)]
+    _write(root / "info/synsets.txt", [f"{w} class{c}, other name" for c, w in enumerate(wnids)])
+    train = [(f"google/q{c:04d}/{j:08d}.jpg", c) for c in range(50) for j in range(2)]
+    _write(root / "info/train_filelist_google.txt", [f"{p} {c}" for p, c in train] + ["google/q0060/x.jpg 60"])
+    _write(root / "info/val_filelist.txt", [f"val{c:06d}.jpg {c}" for c in range(50)])
+    for p, c in train:
+        _image(root / p, 5 * c, size=8)
+    for c, w in enumerate(wnids):
+        _image(root / f"val_images_256/val{c:06d}.jpg", 5 * c, size=8)
+        _image(root / f"imagenet/val/{w}/ILSVRC2012_val_{c:08d}.JPEG", 5 * c, size=8)
+    return root
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    import csv
+
+    with (run_dir / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_class_balanced_subset_is_the_official_walk() -> None:
+    labels = np.array([0] * 30 + [1] * 3 + [2] * 20 + [3] * 11)
+    for seed in range(5):
+        got = class_balanced_subset(labels, 16, 4, np.random.default_rng(seed))
+        walk, counts = [], np.zeros(4)  # dataloader_clothing1M.py, mode 'all', over the same permutation
+        for i in np.random.default_rng(seed).permutation(len(labels)):
+            if counts[labels[i]] < 16 / 4 and len(walk) < 16:
+                walk.append(i)
+                counts[labels[i]] += 1
+        assert got.tolist() == sorted(walk)
+        assert np.bincount(labels[got], minlength=4).tolist() == [4, 3, 4, 4]  # class 1 has only 3
+    same = class_balanced_subset(labels, 16, 4, np.random.default_rng([0, 5, DIVIDE_DRAW, 0]))
+    assert np.array_equal(same, class_balanced_subset(labels, 16, 4, np.random.default_rng([0, 5, DIVIDE_DRAW, 0])))
+    assert not np.array_equal(same, class_balanced_subset(labels, 16, 4, np.random.default_rng([0, 6, DIVIDE_DRAW, 0])))
+
+
+def test_realworld_sources_go_through_one_store(tmp_path: Path, one_thread) -> None:
+    root = _clothing_tree(tmp_path / "c1m")
+    raw = load_source("clothing1m", str(root), image_size=8, progress=False)
+    assert raw.name == "clothing1m" and raw.num_classes == 14 and raw.image_size == 8
+    assert len(raw.train_labels) == 42 and len(raw.val_labels) == 14 and len(raw.test_labels) == 14
+    assert np.asarray(raw.val_images).shape == (14, 8, 8, 3) and raw.extra_tests == {}
+    assert raw.mean == CLOTHING1M_MEAN and raw.train_ids[0] == "images/0/00/t0_0.jpg"
+    assert raw.train_true_labels is None  # Clothing1M's few clean labels of noisy keys are not a true-label set
+    with_clean = load_source("clothing1m", str(root), image_size=8, progress=False, clean_train=True)
+    assert len(with_clean.train_labels) == 49 and with_clean.train_ids[0] == "images/c/00/c0.jpg"
+    assert len(list((root / ".cdmix_cache").glob("store_clothing1m_8px_*"))) == 2  # another file list, another store
+    load_source("clothing1m", str(root), image_size=8, progress=False)  # reused, not rebuilt
+    assert len(list((root / ".cdmix_cache").glob("store_*"))) == 2
+
+    web = load_source("webvision", str(_webvision_tree(tmp_path / "web")), image_size=8, progress=False)
+    assert len(web.train_labels) == 100 and len(web.test_labels) == 50 and web.class_names[3] == "class3"
+    images, labels = web.extra_tests["imagenet"]
+    assert np.asarray(images).shape == (50, 8, 8, 3) and labels.tolist() == list(range(50))
+    assert web.val_images is None
+
+    animal = tmp_path / "animal"
+    for name in ("0_1.jpg", "3_2.jpg", "0_3.jpg"):
+        _image(animal / "training" / name, size=64)
+    _image(animal / "testing" / "3_9.jpg", size=64)
+    raw = load_source("animal10n", str(animal), progress=False)
+    assert raw.image_size == 64 and raw.train_labels.tolist() == [0, 0, 3]
+
+
+def test_bad_realworld_tree_is_one_cli_line(tmp_path: Path, capsys) -> None:
+    from cdmix.cli import main
+
+    root = _clothing_tree(tmp_path / "c1m", per_class=1)
+    (root / "clean_val_key_list.txt").unlink()
+    code = main(["train", "--dataset", "clothing1m", "--data-path", str(root), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "clean_val_key_list.txt not found" in err[0]
+
+
+def test_realworld_settings_are_checked() -> None:
+    with pytest.raises(UserError, match="DivideMix's Clothing1M protocol"):
+        build_config(preset="josrc-clothing1m", epoch_subset_batches=10)
+    with pytest.raises(UserError, match="--nesterov needs --optimizer sgd"):
+        build_config(nesterov=True, optimizer="adam")
+    with pytest.raises(UserError, match="--loss-history 1"):
+        build_config(preset="dividemix-clothing1m", loss_history=5)
+
+
+@pytest.mark.slow
+def test_dividemix_clothing1m_preset_run(tmp_path: Path, one_thread) -> None:
+    """Per-epoch class-balanced subsets (warm-up 2 x 2 x 4, division 2 x 4 per net), the partner trains on
+    that subset only, best.pt chosen on the clean validation set."""
+    from cdmix import runs
+    from cdmix.engine import start_run
+
+    root = _clothing_tree(tmp_path / "c1m")
+    config = build_config(preset="dividemix-clothing1m", data_path=str(root), out=str(tmp_path / "run"),
+                          model="resnet18", epochs=3, lr_step=2, epoch_subset_batches=2, batch_size=4, **TINY)
+    trainer = start_run(config)
+    try:
+        trainer.run()
+    finally:
+        trainer.release_lock()
+    rows = _metrics(tmp_path / "run")
+    assert [r["subset_net1"] for r in rows] == ["", "8", "8"] and "val_acc" in rows[0]
+    summary = runs.read_summary(tmp_path / "run")
+    assert summary["selected_by"] == "val_acc" and summary["num_val"] == 14 and summary["num_train"] == 42
+    vals = [float(r["val_acc"]) for r in rows]
+    assert summary["selected_epoch"] == 1 + vals.index(max(vals))
+    assert torch.load(tmp_path / "run" / runs.BEST, weights_only=False)["epoch"] + 1 == summary["selected_epoch"]
+    assert summary["test_at_selected_epoch"]["test_acc"] == float(rows[summary["selected_epoch"] - 1]["test_acc"])
+
+    method, labels = trainer.method, np.asarray(trainer.train.labels.cpu())
+    draws = {(epoch, purpose, net): method.draw(epoch, purpose, net, size)
+             for epoch, purpose, size in ((0, WARMUP_DRAW, 16), (1, DIVIDE_DRAW, 8), (2, DIVIDE_DRAW, 8))
+             for net in (0, 1)}
+    for idx in draws.values():
+        assert np.bincount(labels[idx], minlength=14).max() <= 2  # class-balanced: at most ceil(16 / 14) each
+    assert len(draws[0, WARMUP_DRAW, 0]) == 16 and len(draws[1, DIVIDE_DRAW, 0]) == 8
+    assert not np.array_equal(draws[1, DIVIDE_DRAW, 0], draws[2, DIVIDE_DRAW, 0])  # a fresh subset each epoch
+    assert not np.array_equal(draws[2, DIVIDE_DRAW, 0], draws[2, DIVIDE_DRAW, 1])  # and one per net
+    division = method.last_division  # the last epoch's: each net's GMM on its own subset, NaN elsewhere
+    for net in (0, 1):
+        subset = draws[2, DIVIDE_DRAW, net]
+        assert np.array_equal(division[f"subset_net{net + 1}"], subset)
+        prob = division[f"clean_prob_net{net + 1}"]
+        assert np.flatnonzero(np.isfinite(prob)).tolist() == subset.tolist()
+        labeled, unlabeled = method.labeled_split(prob, "test")
+        assert sorted(labeled.tolist() + unlabeled.tolist()) == subset.tolist()
+    again = start_run(config.replace(out=str(tmp_path / "run2")))
+    try:
+        assert np.array_equal(again.method.draw(2, DIVIDE_DRAW, 0, 8), draws[2, DIVIDE_DRAW, 0])  # same seed
+    finally:
+        again.release_lock()
+
+
+def test_dividemix_webvision_preset_run(tmp_path: Path, one_thread) -> None:
+    """Both test sets, top-1 and top-5, every epoch; the ImageNet figures at the selected epoch."""
+    from cdmix import runs
+    from cdmix.engine import train
+
+    root = _webvision_tree(tmp_path / "web")
+    train(build_config(preset="dividemix-webvision", data_path=str(root), out=str(tmp_path / "run"), model="resnet18",
+                       epochs=2, batch_size=8, **TINY))
+    rows = _metrics(tmp_path / "run")
+    for row in rows:
+        for name in ("", "_imagenet"):
+            top1, top5 = float(row[f"test_acc{name}"]), float(row[f"test_top5{name}"])
+            assert 0 <= top1 <= top5 <= 100
+    summary = runs.read_summary(tmp_path / "run")
+    assert summary["num_test"] == 50 and "test_top5_imagenet" in summary["test_at_selected_epoch"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["top5"] is True and config["random_resized_crop"] is True and config["crop_size"] == 56
+
+
+def test_josrc_clothing1m_preset_run_with_pretrained_body(tmp_path: Path, one_thread) -> None:
+    """Jo-SRC's training set (clean-train keys first), the MLP-head ResNet-18 started from an ImageNet-style
+    file (its fc skipped), SGD with Nesterov momentum."""
+    from cdmix import runs
+    from cdmix.engine import start_run
+    from cdmix.models import create_model
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(create_model("resnet18", 1000, width=4).state_dict(), weights)
+    root = _clothing_tree(tmp_path / "c1m")
+    config = build_config(preset="josrc-clothing1m", data_path=str(root), out=str(tmp_path / "run"), epochs=2,
+                          warmup=1, batch_size=7, pretrained=str(weights), **TINY)  # 49 = 7 x 7: no batch of one
+    trainer = start_run(config)
+    try:
+        assert all(group["nesterov"] for group in trainer.method.optimizers[0].param_groups)
+        body = torch.load(weights)["layer4.1.conv2.weight"]
+        assert torch.equal(trainer.method.nets[0].layer4[1].conv2.weight.detach().cpu(), body)
+        trainer.run()
+    finally:
+        trainer.release_lock()
+    summary = runs.read_summary(tmp_path / "run")
+    assert summary["num_train"] == 49 and summary["selected_by"] == "val_acc" and summary["pretrained_sha256"]
+
+
+def test_josrc_food101n_preset_run(food: Path, tmp_path: Path, one_thread) -> None:
+    from cdmix import runs
+    from cdmix.engine import train
+
+    train(build_config(preset="josrc-food101n", data_path=str(food), out=str(tmp_path / "run"), epochs=2, warmup=1,
+                       batch_size=5, **TINY))
+    rows = _metrics(tmp_path / "run")
+    assert len(rows) == 2 and "val_acc" not in rows[0] and "test_top5" not in rows[0]
+    summary = runs.read_summary(tmp_path / "run")
+    assert summary["num_train"] == 5 and summary["num_test"] == 3 and summary["selected_by"] == "test_acc"

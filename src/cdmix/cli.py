@@ -152,6 +152,8 @@ def cmd_presets(args) -> int:
     for name in names:
         info = preset_info(name)["info"]
         print(f"{name:34s} {info.get('published', '-'):24s} {info.get('description', '')}")
+        if "backbone" in info or "weights" in info:  # the real-world presets: what network and weights file
+            print(f"{'':34s} backbone: {info.get('backbone', '-')}; weights: {info.get('weights', '-')}")
     return 0
 
 

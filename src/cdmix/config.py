@@ -20,7 +20,8 @@ from typing import Any
 
 from cdmix.errors import UserError
 
-DATASETS = ("digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "folder", "csv", "npz", "store", "arrays")
+DATASETS = ("digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "folder", "csv", "npz", "store", "arrays",
+            "clothing1m", "webvision", "food101n", "animal10n")
 DATA_PLACEMENTS = ("auto", "device", "host", "disk")
 METHODS = ("standard", "dividemix", "josrc", "hybrid")
 NOISE_MODES = ("sym", "sym-exclusive", "asym", "pairflip")
@@ -125,6 +126,16 @@ class Config:
                                    "open-set images (--open-set-source)", bounds="[0, 1)")
     open_set_source: str = setting("noise", "data", "open-set images: noise | digits | npz:PATH | cifar100:PATH "
                                    "(an .npz or cifar-100-python folder)")
+    # --- real-world benchmarks (cdmix.data.realworld)
+    extra_data_path: str | None = setting(None, "data", "webvision: the ILSVRC2012 folder of the second test set "
+                                          "(default DATA/imagenet); food101n: the Food-101 folder (default "
+                                          "DATA/food-101)")
+    clean_train: bool = setting(False, "data", "clothing1m: train on clean_train_key_list.txt's images too, before "
+                                "the noisy ones (Jo-SRC's training set; DivideMix's is the noisy list only)")
+    epoch_subset_batches: int = setting(0, "data", "DivideMix on Clothing1M: every epoch trains on a fresh "
+                                        "class-balanced random subset of this many x 2 x batch images and divides "
+                                        "another of this many x batch (official 1000; 0 = the whole set)",
+                                        bounds="[0, inf)")
     # --- model
     model: str | None = setting(None, "model", "preact_resnet18 | wrn28 | small_cnn (default: per dataset)")
     width: int | None = setting(None, "model", "model width (base channels; widen factor for wrn28)", bounds="[1, inf)")
@@ -189,6 +200,7 @@ class Config:
     optimizer: str = setting("sgd", "optimisation", "sgd (momentum, DivideMix) or adam (official Jo-SRC CIFAR run)",
                              ("sgd", "adam"))
     momentum: float = setting(0.9, "optimisation", "SGD momentum (Adam: beta1)", bounds="[0, 1)")
+    nesterov: bool = setting(False, "optimisation", "SGD with Nesterov momentum (official Jo-SRC real-world runs)")
     weight_decay: float = setting(5e-4, "optimisation", "weight decay", bounds="[0, inf)")
     schedule: str = setting("step", "optimisation", "lr schedule: step (/10 at --lr-step), cosine, or josrc (the "
                             "official Jo-SRC Adam plan: constant to --lr-step, then linear to 0, beta1 0.1)",
@@ -210,6 +222,8 @@ class Config:
                               "removed; a folder that is not a cdmix run is never touched)")
     preset: str | None = setting(None, "system", "a published setting (see `cdmix presets`)")
     progress: bool = setting(True, "system", "progress bars (--no-progress: one line per epoch only)")
+    top5: bool | None = setting(None, "system", "also report top-5 test accuracy (test_top5 columns; default: on "
+                                "for webvision; needs more than 5 classes)")
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -310,6 +324,14 @@ def validate(config: Config) -> None:
         raise UserError("--warmup-min-steps must be at least 1 and at most --warmup-max-steps")
     if config.open_set_classes and config.open_set_rate:
         raise UserError("--open-set-classes and --open-set-rate are two different open-set settings; use one")
+    if config.nesterov and (config.optimizer != "sgd" or config.momentum == 0):
+        raise UserError("--nesterov needs --optimizer sgd with a --momentum above 0")
+    if config.epoch_subset_batches and config.method != "dividemix":
+        raise UserError(f"--epoch-subset-batches is DivideMix's Clothing1M protocol; --method {config.method} "
+                        f"trains on the whole set (use 0)")
+    if config.epoch_subset_batches and config.loss_history > 1:
+        raise UserError("--loss-history averages each sample's loss over epochs, but with --epoch-subset-batches "
+                        "every epoch divides another subset; use --loss-history 1")
     if config.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", config.device):
         raise UserError(f"unknown device {config.device!r}; use auto, cpu, cuda or cuda:N")
     if config.model is not None:
@@ -401,6 +423,7 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
         lr_step=lr_step,
         image_size=_used_image_size(config, image_size),
         eval_batch_size=config.eval_batch_size or (1024 if device.startswith("cuda") else 64),
+        top5=(config.dataset == "webvision" if config.top5 is None else config.top5) and num_classes > 5,
     )
 
 

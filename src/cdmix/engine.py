@@ -64,7 +64,8 @@ def load_data(config: Config, raw: RawData | None = None) -> PreparedData:
     if raw is None:
         raw = load_source(config.dataset, config.data_path, labels=config.labels, label_file=config.label_file,
                           download=config.download, image_size=config.image_size, seed=config.seed,
-                          progress=config.progress)
+                          progress=config.progress, extra_data_path=config.extra_data_path,
+                          clean_train=config.clean_train)
     noise_mode, noise_rate = noise_setting(config) or (None, 0.0)
     if config.open_set_classes:
         from cdmix.data.openset import held_out_classes
@@ -87,7 +88,8 @@ def load_data(config: Config, raw: RawData | None = None) -> PreparedData:
         raw = dataclasses.replace(raw, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     n = len(raw.train_labels)
     order = np.random.default_rng([config.seed, 7]).permutation(n)
-    n_val = int(round(config.val_fraction * n))
+    # A source with a clean validation set (Clothing1M) selects on it: the noisy set is not split.
+    n_val = 0 if raw.val_images is not None else int(round(config.val_fraction * n))
     return PreparedData(raw, noise_info, np.sort(order[n_val:]), np.sort(order[:n_val]))
 
 
@@ -154,6 +156,14 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")
 
 
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    """Percent of rows whose label is among the ``k`` largest logits (N x C logits, C >= k)."""
+    if not len(labels):
+        return float("nan")
+    top = logits.topk(k, dim=1).indices
+    return 100.0 * float((top == labels[:, None]).any(1).float().mean())
+
+
 class Trainer:
     """Holds one run: its config, data on the device, method, and run folder."""
 
@@ -198,8 +208,15 @@ class Trainer:
         )
         self.val_images = all_images.subset(torch.as_tensor(data.val_pos)) if len(data.val_pos) else None
         self.val_labels = labels[torch.as_tensor(data.val_pos)].to(device) if len(data.val_pos) else None
+        self.clean_val = raw.val_images is not None
+        if self.clean_val:  # the source's clean validation set (Clothing1M), not a noisy split
+            self.val_images = place(raw.val_images)
+            self.val_labels = torch.as_tensor(raw.val_labels, dtype=torch.int64, device=device)
         self.test_images = place(raw.test_images)
         self.test_labels = torch.as_tensor(raw.test_labels, dtype=torch.int64, device=device)
+        # Further test sets (WebVision's ILSVRC2012 val): name -> (images, labels).
+        self.extra_tests = {name: (place(images), torch.as_tensor(test_labels, dtype=torch.int64, device=device))
+                            for name, (images, test_labels) in raw.extra_tests.items()}
         torch.manual_seed(config.seed)
         # A resumed run's nets come from its checkpoint, not from the --pretrained file.
         self.method: Method = build_method(config.replace(pretrained=None) if resume else config, self.train)
@@ -229,6 +246,13 @@ class Trainer:
         if len(logits) > 1:
             for i, net_logits in enumerate(logits, start=1):
                 row[f"test_acc_net{i}"] = accuracy(net_logits, self.test_labels)
+        if self.config.top5:
+            row["test_top5"] = top_k_accuracy(torch.stack(logits).sum(0), self.test_labels)
+        for name, (images, labels) in self.extra_tests.items():
+            ensemble = torch.stack(self.method.predict_logits(images, bs)).sum(0)
+            row[f"test_acc_{name}"] = accuracy(ensemble, labels)
+            if self.config.top5:
+                row[f"test_top5_{name}"] = top_k_accuracy(ensemble, labels)
         if self.val_images is not None:
             val_logits = torch.stack(self.method.predict_logits(self.val_images, bs)).sum(0)
             row["val_acc"] = accuracy(val_logits, self.val_labels)
@@ -371,6 +395,14 @@ class Trainer:
             **self.method.summary_info(),
             **self.data.noise_info,
         }
+        if self.clean_val or self.extra_tests:
+            # The official Clothing1M / WebVision figures: the test sets scored at the selected epoch (best.pt).
+            if self.clean_val:
+                summary["val_set"] = "clean (the source's validation set)"
+            selected = next((r for r in rows if int(float(r["epoch"])) == self.best_epoch + 1), None)
+            if selected is not None:
+                summary["test_at_selected_epoch"] = {k: float(v) for k, v in selected.items()
+                                                     if k.startswith("test_") and v != ""}
         if self.train.true_labels is not None:
             summary["noise_rate_actual_train"] = float((self.train.labels != self.train.true_labels).float().mean())
         return summary
@@ -383,7 +415,7 @@ class Trainer:
         raw, bs = self.data.raw, self.config.eval_batch_size
         n = len(raw.train_labels)
         parts = [(self.data.train_pos, self.train.images)]
-        if self.val_images is not None:
+        if self.val_images is not None and not self.clean_val:  # the held-out part of the training set
             parts.append((self.data.val_pos, self.val_images))
         logits: list[np.ndarray] = []
         for pos, images in parts:
@@ -483,6 +515,13 @@ def start_run(config: Config, raw: RawData | None = None) -> Trainer:
     folder is made only when ``config.out`` asks for one (it keeps the arrays as its data).
     """
     validate(config)
+    if config.preset and not config.pretrained:
+        from cdmix.config import preset_info
+
+        weights = preset_info(config.preset)["info"].get("weights", "")
+        if weights.startswith("--pretrained"):
+            logger.warning(f"the preset {config.preset} starts from ImageNet weights ({weights}); without "
+                           f"--pretrained the network trains from scratch and will not reach the published figure")
     data = load_data(config, raw)
     config = resolve(config, data.raw.num_classes, data.raw.image_size)
     check_labels(data)
@@ -635,7 +674,7 @@ def check_input_size(config: Config, raw: RawData) -> None:
         raise
     except Exception as exc:  # only shape errors count; anything else shows in training as it would
         text = str(exc)
-        if "too small" in text or "greater than input size" in text:
+        if "too small" in text or "greater than input size" in text or "at least" in text:
             raise UserError(f"{size}px images are too small for {config.model}; use --image-size 32 (folder/csv "
                             "data) or --model small_cnn") from None
 
@@ -675,8 +714,10 @@ def save_labels(run_dir: Path, data: PreparedData) -> None:
 
 def print_data_line(config: Config, data: PreparedData) -> None:
     raw, info = data.raw, data.noise_info
-    text = (f"data: {config.dataset}  train {len(data.train_pos)}  val {len(data.val_pos)}  "
-            f"test {len(raw.test_labels)}  classes {raw.num_classes}  image {raw.image_size}px")
+    val = f"{len(raw.val_labels)} (clean)" if raw.val_labels is not None else len(data.val_pos)
+    extra = "".join(f" + {name} {len(labels)}" for name, (_, labels) in raw.extra_tests.items())
+    text = (f"data: {config.dataset}  train {len(data.train_pos)}  val {val}  "
+            f"test {len(raw.test_labels)}{extra}  classes {raw.num_classes}  image {raw.image_size}px")
     if config.crop_size != raw.image_size or config.random_resized_crop:
         text += f" (crop {config.crop_size}{', random-resized' if config.random_resized_crop else ''})"
     if config.data_placement != "device":

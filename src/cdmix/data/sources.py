@@ -9,8 +9,11 @@
 - ``folder``: one sub-folder per class (optionally under ``train/`` and ``test/``).
 - ``csv``: a ``path,label[,split]`` file, paths relative to the CSV's folder.
 - ``npz``: a numpy archive with ``train_images``, ``train_labels``, ``test_images``, ``test_labels``.
+- ``clothing1m``, ``webvision``, ``food101n``, ``animal10n``: the real-world noisy benchmarks in their
+  official layouts (read by ``cdmix.data.realworld``), with Clothing1M's clean validation set and
+  WebVision's ILSVRC2012 test set.
 
-``folder`` / ``csv`` images are decoded once into an image store (``cdmix.data.store``) in
+``folder`` / ``csv`` / real-world images are decoded once into an image store (``cdmix.data.store``) in
 ``<data>/.cdmix_cache/`` and read from it by index; ``store`` opens a store made by ``cdmix prepare``
 (:func:`prepare_store`); a large ``npz`` goes through a store too.
 Every mistake a user can make raises :class:`cdmix.errors.UserError` with a one-line message.
@@ -106,12 +109,16 @@ def load_source(
     seed: int = 0,
     cache_dir: str | None = None,
     progress: bool = True,
+    extra_data_path: str | None = None,
+    clean_train: bool = False,
 ) -> RawData:
     """Load ``dataset`` from ``data_path`` into a :class:`RawData` (``name == dataset``).
 
     ``labels`` / ``label_file`` apply to CIFAR-N, ``download`` to CIFAR and CIFAR-N,
-    ``image_size`` and ``cache_dir`` to ``folder`` / ``csv``; ``seed`` fixes the test split of
-    sources that have none (digits, folder and csv without one).
+    ``image_size`` and ``cache_dir`` to ``folder`` / ``csv`` and the real-world sources (whose default
+    size is ``REALWORLD_IMAGE_SIZES``); ``extra_data_path`` (WebVision's ImageNet, Food-101N's Food-101
+    folder) and ``clean_train`` (Clothing1M) to those; ``seed`` fixes the test split of sources that
+    have none (digits, folder and csv without one).
     """
     if dataset == "digits":
         raw = _load_digits(seed)
@@ -128,6 +135,9 @@ def load_source(
         raw = _load_npz(data_path, cache_dir=cache_dir, progress=progress)
     elif dataset == "store":
         raw = _load_store(data_path, image_size=image_size, seed=seed)
+    elif dataset in REALWORLD_IMAGE_SIZES:
+        raw = load_realworld(dataset, data_path, image_size=image_size, cache_dir=cache_dir, progress=progress,
+                             extra_data_path=extra_data_path, clean_train=clean_train)
     elif dataset == "arrays":  # the arrays of a run started from arrays, kept in its folder
         from cdmix.data.arrays import load_arrays
 
@@ -834,6 +844,80 @@ def _load_large_npz(path: Path, headers: dict, cache_dir: str | None, progress: 
         with np.load(path, allow_pickle=False) as npz:
             raw.train_true_labels = _npz_labels(npz["train_true_labels"], "train_true_labels", path,
                                                 len(raw.train_labels))
+    return raw
+
+
+# ----------------------------------------------------------------------------------- real-world sets
+
+# Decoded image size (short side, center square) of each real-world source: the official pipelines'
+# Resize (DivideMix: 256 for Clothing1M, 320 for WebVision; Jo-SRC: 256), ANIMAL-10N's own 64 px.
+REALWORLD_IMAGE_SIZES = {"clothing1m": 256, "webvision": 320, "food101n": 256, "animal10n": 64}
+# DivideMix's dataloader_clothing1M.py normalises with these Clothing1M statistics.
+CLOTHING1M_MEAN = (0.6959, 0.6537, 0.6371)
+CLOTHING1M_STD = (0.3113, 0.3192, 0.3214)
+
+
+def load_realworld(dataset: str, data_path: str, *, image_size: int | None = None, cache_dir: str | None = None,
+                   progress: bool = True, extra_data_path: str | None = None, clean_train: bool = False) -> RawData:
+    """A real-world benchmark (``REALWORLD_IMAGE_SIZES``' names) read by its ``cdmix.data.realworld``
+    reader, its images decoded into one store (train, test, clean val and extra test rows) in
+    ``<data>/.cdmix_cache/`` (or ``cache_dir``), returned as views of it.
+
+    ``val_images`` / ``val_labels``: Clothing1M's clean validation set; ``extra_tests``: WebVision's
+    ILSVRC2012 validation images as ``"imagenet"``. Mean / std: Clothing1M's published statistics
+    (DivideMix's), else those of the decoded training images. Undecodable images are left out with a
+    warning (the store lists them).
+    """
+    from cdmix.data import realworld
+
+    if dataset == "clothing1m":
+        images = realworld.read_clothing1m(data_path, include_clean_train=clean_train)
+    elif dataset == "webvision":
+        images = realworld.read_webvision(data_path, imagenet_root=extra_data_path)
+    elif dataset == "food101n":
+        images = realworld.read_food101n(data_path, food101_root=extra_data_path)
+    else:
+        images = realworld.read_animal10n(data_path)
+    root = Path(data_path).expanduser()
+    size = _image_size(image_size if image_size is not None else REALWORLD_IMAGE_SIZES[dataset])
+    parts = [("train", images.train_paths, images.train_labels), ("test", images.test_paths, images.test_labels)]
+    if images.val_paths is not None:
+        parts.append(("val", images.val_paths, images.val_labels))
+    parts += [(f"test:{name}", paths, labels) for name, (paths, labels) in images.extra_tests.items()]
+    paths = [p for _, part_paths, _ in parts for p in part_paths]
+    labels = np.concatenate([part_labels for _, _, part_labels in parts])
+    splits = [split for split, part_paths, _ in parts for _ in part_paths]
+    names = [p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p) for p in paths]
+    samples = file_samples(paths, names, labels, splits)
+    cache = _writable(Path(cache_dir).expanduser() if cache_dir else root / CACHE_DIR_NAME)
+    store = build_store(cache / f"store_{dataset}_{size}px_{samples.files_hash()[:20]}", samples, images.class_names,
+                        size, _file_decoder(paths, size, default_workers()), source=str(root), progress=progress)
+    decoded = store.decoded
+    skipped = int((~decoded).sum())
+    if skipped:
+        log.warning(f"{skipped} of {len(store)} images could not be decoded and are left out "
+                    f"(listed in {store.path / SKIPPED})")
+    split_of = np.asarray(splits)
+
+    def rows(split: str) -> np.ndarray:
+        found = np.flatnonzero((split_of == split) & decoded)
+        if len(found) == 0:
+            raise UserError(f"{store.path}: no decodable {split} images left; see {store.path / SKIPPED}")
+        return found
+
+    train_rows, test_rows = rows("train"), rows("test")
+    mean, std = (CLOTHING1M_MEAN, CLOTHING1M_STD) if dataset == "clothing1m" else store.mean_std(train_rows)
+    train_pos = train_rows  # train rows come first in the store, so a row is its position in the train list
+    raw = RawData(train_images=store.view(train_rows), train_labels=labels[train_rows],
+                  test_images=store.view(test_rows), test_labels=labels[test_rows],
+                  class_names=list(images.class_names), mean=mean, std=std,
+                  train_ids=None if images.train_ids is None else [images.train_ids[i] for i in train_pos])
+    if images.val_paths is not None:
+        val_rows = rows("val")
+        raw.val_images, raw.val_labels = store.view(val_rows), labels[val_rows]
+    for name in images.extra_tests:
+        extra_rows = rows(f"test:{name}")
+        raw.extra_tests[name] = (store.view(extra_rows), labels[extra_rows])
     return raw
 
 

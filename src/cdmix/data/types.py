@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,6 +35,13 @@ class RawData:
     # relative to the data folder (folder, csv), or an id column (csv, npz ``train_ids``); None where
     # the position in the training order (the ``index`` column) is the name (digits, CIFAR, npz).
     train_ids: list[str] | None = None
+    # A clean validation set for model selection (Clothing1M's), used instead of a --val-fraction split
+    # of the noisy training set; None where the source has none.
+    val_images: np.ndarray | None = None
+    val_labels: np.ndarray | None = None
+    # Further test sets by name, each (images, int64 labels), evaluated every epoch and reported as
+    # test_acc_<name> (WebVision's "imagenet": the ILSVRC2012 validation images of its classes).
+    extra_tests: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:

@@ -18,4 +18,8 @@ def build_method(config, train):
     classes = method_classes()
     if config.method not in classes:
         raise UserError(f"unknown method {config.method!r}; choose one of {', '.join(sorted(classes))}")
+    if config.method == "dividemix" and config.epoch_subset_batches:  # the official Clothing1M sampling
+        from cdmix.methods.epoch_subsets import EpochSubsetDivideMix
+
+        return EpochSubsetDivideMix(config, train)
     return classes[config.method](config, train)

@@ -102,12 +102,13 @@ def build_net(config: Config, num_classes: int, in_channels: int) -> torch.nn.Mo
 
 
 def build_optimizer(config: Config, net: torch.nn.Module) -> torch.optim.Optimizer:
-    """SGD with momentum (DivideMix, the default) or Adam (the official Jo-SRC CIFAR run)."""
+    """SGD with momentum (DivideMix, the default; Nesterov with ``config.nesterov``, the official Jo-SRC
+    real-world runs) or Adam (the official Jo-SRC CIFAR run)."""
     if config.optimizer == "adam":
         return torch.optim.Adam(net.parameters(), lr=config.lr, betas=(config.momentum, 0.999),
                                 weight_decay=config.weight_decay)
     return torch.optim.SGD(net.parameters(), lr=config.lr, momentum=config.momentum,
-                           weight_decay=config.weight_decay)
+                           weight_decay=config.weight_decay, nesterov=config.nesterov)
 
 
 def maybe_compile(config: Config, net: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:

@@ -11,11 +11,16 @@
 * ``resnet18``, ``resnet34``, ``resnet50``: ImageNet-style (torchvision layout and key
   names), base width (default 64 -> stages 64, 128, 256, 512; other widths don't fit
   pretrained weights).
+* ``resnet18_mlp``, ``resnet50_mlp``: the same bodies with Jo-SRC's MLP head (feature size
+  d -> 2d -> classes) instead of ``fc``; ``--pretrained`` loads an ImageNet ResNet's body.
+* ``inception_resnet_v2``: DivideMix's WebVision network (fixed widths: ``width`` must be
+  None; inputs of at least 75x75).
 
 ``timm:NAME`` builds timm's ``NAME`` (no weights downloaded) when the optional timm is
 installed; :func:`model_names` lists only cdmix's own names.
 
-All models end in adaptive average pooling, so any input of at least 8x8 works.
+All models end in adaptive average pooling, so any input of at least 8x8 works (75x75 for
+``inception_resnet_v2``).
 Importing this package builds nothing.
 """
 
@@ -27,9 +32,11 @@ from typing import Callable
 from torch import nn
 
 from cdmix.errors import UserError
+from cdmix.models.inception_resnet_v2 import inception_resnet_v2
 from cdmix.models.josrc_cnn import josrc_cnn
 from cdmix.models.preact_resnet import preact_resnet18
 from cdmix.models.resnet import resnet18, resnet34, resnet50
+from cdmix.models.resnet_mlp import resnet18_mlp, resnet50_mlp
 from cdmix.models.small import small_cnn
 from cdmix.models.timm_models import PREFIX as _TIMM_PREFIX
 from cdmix.models.timm_models import create_timm_model
@@ -47,6 +54,9 @@ _REGISTRY: dict[str, _Builder] = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
+    "resnet18_mlp": resnet18_mlp,
+    "resnet50_mlp": resnet50_mlp,
+    "inception_resnet_v2": inception_resnet_v2,
 }
 
 

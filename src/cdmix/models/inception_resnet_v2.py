@@ -16,8 +16,8 @@ default initialisation, as in the official code (DivideMix trains it from scratc
 55,843,464 parameters at 1000 classes, 54,383,314 at WebVision-mini's 50.
 
 One deliberate change: the official head pools with ``AvgPool2d(8)``, which only fits the 8x8 map
-of a 299x299 input; DivideMix's own WebVision pipeline feeds 227x227 crops (a 5x5 map), which that
-layer rejects in current PyTorch. We pool globally (``AdaptiveAvgPool2d(1)``): identical at 299,
+of a 299x299 input; DivideMix's WebVision pipeline fed 227x227 crops (a 5x5 map) before its current
+dataloader's 299 (the ``dividemix-webvision`` preset's), and that layer rejects them in current PyTorch. We pool globally (``AdaptiveAvgPool2d(1)``): identical at 299,
 and any input from 75x75 up works. Importing this module builds nothing.
 """
 

@@ -100,7 +100,9 @@ def load_pretrained(net: nn.Module, path: str | Path) -> str:
 
     The classifier (the model's last ``nn.Linear``, ``fc`` for the ResNets) is left
     freshly initialised when the file's classifier differs only in the number of
-    classes. Everything else must match exactly, as ``strict=True``: missing keys,
+    classes. A model with a ``fresh_head`` attribute (the MLP-head ResNets) loaded from a
+    file without that head (an ImageNet ResNet) keeps its head initialised and skips the
+    file's ``fc``. Everything else must match exactly, as ``strict=True``: missing keys,
     unexpected keys or different shapes raise ONE :class:`UserError` naming the first
     few keys, and ``net`` is left untouched. A missing, unreadable or corrupt file,
     a pickled object in it, or ``.safetensors`` without the package also raise
@@ -116,7 +118,14 @@ def load_pretrained(net: nn.Module, path: str | Path) -> str:
     own = net.state_dict()
     classifier = _classifier_name(net)
     kept_fresh: set[str] = set()
-    if classifier is not None:
+    fresh_head = getattr(net, "fresh_head", None)
+    if fresh_head and not any(k.startswith(f"{fresh_head}.") for k in state):
+        # A model with its own head (Jo-SRC's MLP) on an ImageNet file: load the body, keep the head,
+        # skip the file's classifier (torchvision's ``fc``) that the model does not have.
+        kept_fresh.update(k for k in own if k.startswith(f"{fresh_head}."))
+        for key in [k for k in state if k.startswith("fc.") and k not in own]:
+            state.pop(key)
+    elif classifier is not None:
         weight_key, bias_key = f"{classifier}.weight", f"{classifier}.bias"
         file_weight = state.get(weight_key)
         if (
