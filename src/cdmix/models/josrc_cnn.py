@@ -37,15 +37,22 @@ class _Encoder(nn.Module):
         return torch.flatten(self.pool(self.encoder(x)), 1)
 
 
+def mlp_head(in_features: int, hidden: int, num_classes: int) -> nn.Sequential:
+    """Jo-SRC's classifier: Linear -> BatchNorm1d -> ReLU -> Linear, He-initialised linears, zero biases
+    (its CIFAR CNN and its real-world ResNets alike)."""
+    head = nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, num_classes))
+    for m in head:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+    return head
+
+
 class _MLPHead(nn.Module):
     def __init__(self, in_features: int, hidden: int, num_classes: int):
         super().__init__()
-        self.mlp_head = nn.Sequential(nn.Linear(in_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                                      nn.Linear(hidden, num_classes))
-        for m in self.mlp_head:
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.mlp_head = mlp_head(in_features, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp_head(x)

@@ -14,8 +14,8 @@ head (``head.*``) stays freshly initialised (``cdmix.models.pretrained``, ``fres
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from cdmix.models.josrc_cnn import mlp_head
 from cdmix.models.resnet import BasicBlock, Bottleneck, ResNet
 
 
@@ -30,12 +30,7 @@ class ResNetMLP(ResNet):
         del self.fc
         features = self.num_features
         hidden = round(mlp_hidden * features)
-        self.head = nn.Sequential(nn.Linear(features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                                  nn.Linear(hidden, num_classes))
-        for m in self.head:
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.head = mlp_head(features, hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``N x in_channels x H x W`` -> ``N x num_classes`` logits (N >= 2 in training: BatchNorm1d)."""
