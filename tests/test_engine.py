@@ -80,7 +80,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, method):
 @pytest.mark.slow
 def test_sigint_saves_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
-    proc = _cdmix("train", *TINY, "--out", str(run))
+    # A shell that starts pytest in the background without job control makes its children ignore
+    # SIGINT; the run under test gets the default disposition back, as in a terminal.
+    proc = _cdmix("train", *TINY, "--out", str(run), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_rows(run, 2, proc)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
