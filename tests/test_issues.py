@@ -68,3 +68,22 @@ def test_paths_class_names_and_held_out_rows_round_trip(tmp_path):
     out.parent.mkdir()
     assert write_cleaned_csv(out, issues, ["cat", "dog"], "drop", data_root=tmp_path / "data") == 2
     assert out.read_text().splitlines() == ["path,label", "../data/cat/a.png,cat", "../data/dog/c.png,dog"]
+
+
+def test_collapse_caution_only_for_a_run_that_collapsed_and_stayed_down():
+    from cdmix.issues import collapse_caution
+
+    collapsed = {"collapse_warnings": 7, "test_acc_best": 66.67, "test_acc_best_epoch": 17, "test_acc_last": 44.44}
+    line = collapse_caution(collapsed)
+    assert line is not None and "unreliable" in line and "epoch 17" in line and "44.44%" in line
+    assert collapse_caution({**collapsed, "collapse_warnings": 0}) is None
+    assert collapse_caution({**collapsed, "test_acc_last": 60.0}) is None  # recovered: within 10 points
+
+
+def test_epoch_line_estimates_the_time_left():
+    from cdmix.config import Config
+    from cdmix.engine import epoch_line
+
+    row = {"epoch": 1, "lr": 0.02, "test_acc": 33.3, "seconds": 22.3}
+    assert epoch_line(Config(epochs=300), row, 30.0).endswith("(~1h51m left at this pace)")
+    assert "left" not in epoch_line(Config(epochs=3), row, 30.0)  # under a minute: nothing to announce

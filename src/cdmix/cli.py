@@ -103,6 +103,11 @@ def print_end(result) -> None:
         print(f"clean selection (net1, last epoch): precision {prec:.3f}, recall {rec:.3f}, "
               f"ROC-AUC {last.get('sel_auc_net1', float('nan')):.3f}")
     print(f"suspected label errors: {result.run_dir / 'label_issues.csv'}  (cdmix issues {result.run_dir})")
+    from cdmix.issues import collapse_caution
+
+    caution = collapse_caution(s)
+    if caution:
+        print(caution)
     print(f"report:      cdmix report {result.run_dir}")
     print(f"tensorboard: tensorboard --logdir {result.run_dir}")
 
@@ -158,7 +163,8 @@ def cmd_presets(args) -> int:
 
 
 def cmd_issues(args) -> int:
-    from cdmix.issues import format_table, rank_label_issues
+    from cdmix.issues import collapse_caution, format_table, rank_label_issues
+    from cdmix.runs import read_summary
 
     if args.top is not None and args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
@@ -178,7 +184,9 @@ def cmd_issues(args) -> int:
         what = "left out" if args.fix == "drop" else "relabelled with the predicted class"
         print(f"wrote {args.clean_csv}: {n} labels ({flagged} flagged samples {what})")
     if args.html is None and not args.clean_csv or args.top is not None:
-        for line in format_table(rank_label_issues(args.run_dir, top=args.top or 20)):
+        table = format_table(rank_label_issues(args.run_dir, top=args.top or 20))
+        caution = collapse_caution(read_summary(args.run_dir))
+        for line in ([caution] if caution else []) + table:
             print(line)
     return 0
 

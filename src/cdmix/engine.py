@@ -350,8 +350,10 @@ class Trainer:
         row["collapse"] = int(drop >= self.config.collapse_drop)
         if row["collapse"]:
             self.collapse_count += 1
-            logger.warning(f"epoch {row['epoch']}: accuracy dropped {drop:.1f} points below the best "
-                           f"({self.best_acc:.2f}% at epoch {self.best_epoch + 1}): the run may be collapsing")
+            judged = len(self.val_labels) if "val_acc" in row else len(self.test_labels)
+            logger.warning(f"epoch {row['epoch']}: {'val' if 'val_acc' in row else 'test'} accuracy dropped "
+                           f"{drop:.1f} points below the best ({self.best_acc:.2f}% at epoch {self.best_epoch + 1}; "
+                           f"{round(drop * judged / 100)} of {judged} images): the run may be collapsing")
             if self.config.on_collapse == "rollback":
                 self.rollback(row)
 
@@ -499,7 +501,16 @@ def epoch_line(config: Config, row: dict[str, Any], best: float) -> str:
     if not math.isnan(best):
         parts.append(f"(best {best:.2f}%)")
     parts.append(f"{row['seconds']:.1f}s")
+    left = (config.epochs - int(row["epoch"])) * row["seconds"]
+    if left >= 60:  # a long run on a CPU should say so after its first epoch, not after hours
+        parts.append(f"(~{duration(left)} left at this pace)")
     return "  ".join(parts)
+
+
+def duration(seconds: float) -> str:
+    """``2h05m`` / ``14m`` for a human reading an estimate."""
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
 def say(text: str) -> None:
@@ -718,6 +729,8 @@ def print_data_line(config: Config, data: PreparedData) -> None:
     extra = "".join(f" + {name} {len(labels)}" for name, (_, labels) in raw.extra_tests.items())
     text = (f"data: {config.dataset}  train {len(data.train_pos)}  val {val}  "
             f"test {len(raw.test_labels)}{extra}  classes {raw.num_classes}  image {raw.image_size}px")
+    if config.dataset in ("folder", "csv"):
+        text += " (your files, resized; --image-size to change)"
     if config.crop_size != raw.image_size or config.random_resized_crop:
         text += f" (crop {config.crop_size}{', random-resized' if config.random_resized_crop else ''})"
     if config.data_placement != "device":
@@ -727,7 +740,7 @@ def print_data_line(config: Config, data: PreparedData) -> None:
         nominal_text = f"nominal {nominal:.1%}, " if nominal is not None else ""
         text += f"  noise {info.get('noise_source', '')} ({nominal_text}actual {info['noise_rate_actual']:.1%})"
     elif raw.train_true_labels is None:
-        text += "  labels as given (no synthetic noise; true labels unknown, so no selection metrics)"
+        text += "  labels as given (no noise added; which are wrong is unknown: label_issues.csv ranks them)"
     print(text)
     warmup = "" if config.method == "standard" else f"  warm-up: {config.warmup}"
     print(f"method: {config.method}  model: {config.model}  device: {device_name(config.device)}  "

@@ -240,6 +240,20 @@ def display_names(issues: LabelIssues) -> tuple[np.ndarray, np.ndarray, np.ndarr
             text(issues.true_label, issues.true_class))
 
 
+def collapse_caution(summary: dict, drop: float = 10.0) -> str | None:
+    """A line for the user when the run collapsed and did not recover (collapse warnings, and the
+    last test accuracy ``drop`` points or more below the best): its label issues come from the final
+    nets, so they are then unreliable. None otherwise."""
+    count = summary.get("collapse_warnings") or 0
+    best, last = summary.get("test_acc_best"), summary.get("test_acc_last")
+    if not count or best is None or last is None or best - last < drop:
+        return None
+    return (f"caution: accuracy collapsed in {count} epoch(s) of this run (best {summary['test_acc_best']:.2f}% at "
+            f"epoch {summary['test_acc_best_epoch']}, last {summary['test_acc_last']:.2f}% on the test split); the "
+            f"ranking comes from the final nets and is unreliable. Too few images for DivideMix? Try --method "
+            f"standard or a pretrained backbone (README: 'Your own data')")
+
+
 def format_table(issues: LabelIssues) -> list[str]:
     """The rows of ``cdmix issues`` as aligned text lines (header first): rank, index, id (where the
     data names its samples), given, predicted, clean_prob, issue_score, scored, true (where known)."""

@@ -123,7 +123,7 @@ def _train_images(run_dir: Path, index: np.ndarray) -> np.ndarray:
 def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: int = 100) -> Path:
     """Write the review page of the ``top`` most suspicious samples; returns its path
     (default ``RUN_DIR/issues.html``)."""
-    from cdmix.issues import display_names, rank_label_issues
+    from cdmix.issues import collapse_caution, display_names, rank_label_issues
 
     run_dir = Path(run_dir)
     issues = rank_label_issues(run_dir)
@@ -154,9 +154,11 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
                 "files": run_data_root(run_dir) is not None}
     n_flagged = int(issues.flagged.sum())
     title = f"cdmix label review: {run_dir.resolve().name}"
+    caution = collapse_caution(runs.read_summary(run_dir)) if (run_dir / runs.SUMMARY).is_file() else None
     body = (f"<h1>{html.escape(title)}</h1><p class=sub>{html.escape(str(run_dir.resolve()))} · the {k} most "
             f"suspicious of {len(issues)} training images, most suspicious first · {n_flagged} flagged "
             f"(clean prob &lt; 0.5, orange)</p>"
+            + (f'<p class="note"><b>{html.escape(caution)}</b></p>' if caution else "") +
             '<div class="bar"><button onclick="download()">Download the cleaned labels (CSV)</button> '
             '<span class="note">every training image with the choices below applied (flagged ones start as '
             '"drop"); paths are relative to the data folder</span></div>'
