@@ -64,6 +64,17 @@ def settings(folder: Path, quick: bool, pool: bool, cifar_width: int, cifar_epoc
     return out
 
 
+def parse_settings(items: list[str]) -> dict:
+    """``--set FIELD=VALUE`` items as Config fields: JSON values (numbers, true/false, null, lists), else strings."""
+    def value_of(text: str):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    return {key: value_of(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def ranking_quality(issue_score: np.ndarray, noisy: np.ndarray) -> tuple[float, float]:
     """ROC-AUC of ``issue_score`` for the truly mislabeled samples, and precision at K = their number."""
     if not 0 < noisy.sum() < len(noisy):
@@ -106,8 +117,7 @@ def main() -> None:
                         help="a Config field for every run, e.g. --set class_floor=0 (an ablation; repeatable)")
     parser.add_argument("--seed-start", type=int, default=0, help="first seed (seeds seed-start .. +seeds-1)")
     args = parser.parse_args()
-    extra = {key: json.loads(value) if value[:1] in "0123456789-[{tfn" else value
-             for key, value in (item.split("=", 1) for item in args.set)}
+    extra = parse_settings(args.set)
     if args.threads:
         torch.set_num_threads(args.threads)
     lines = ["| setting | method | test acc best | test acc last | issue ranking ROC-AUC | precision@K | "

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy_small import SHARED, ranking_quality  # noqa: E402
+from accuracy_small import SHARED, parse_settings, ranking_quality  # noqa: E402
 
 import cdmix  # noqa: E402
 from cdmix.data.sources import CIFAR10_NAMES  # noqa: E402
@@ -65,10 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    extra = {}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        extra[key] = int(value) if value.lstrip("-").isdigit() else value
+    extra = parse_settings(args.set)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "my_images"
         flipped = make_folder(root, args.per_class, args.flip, args.seed)

@@ -39,10 +39,8 @@ class DeviceImages:
         if tensor.ndim == 3:
             tensor = tensor.unsqueeze(-1)
         self.device = device
-        channels, height, width = tensor.shape[3], tensor.shape[1], tensor.shape[2]
-        self.scale = (1.0 / (255.0 * torch.tensor(std, dtype=torch.float32, device=device))).view(1, channels, 1, 1)
-        self.shift = (torch.tensor(mean, dtype=torch.float32, device=device)
-                      / torch.tensor(std, dtype=torch.float32, device=device)).view(1, channels, 1, 1)
+        height, width = tensor.shape[1], tensor.shape[2]
+        self.scale, self.shift = normalisation(mean, std, device)
         self.channels_last = channels_last
         self.pad = crop_padding(width)
         # Crop smaller than the images, or RandomResizedCrop: crop_batch; else the padded window path.
@@ -106,6 +104,16 @@ class DeviceImages:
         offsets, flip = _draw_crop_flip(idx.shape[0], self.pad, idx.device, generator)
         sel, dy, dx = _window_index(idx, offsets, flip, len(self.images), self.pad)
         return windows[sel, :, dy, dx]
+
+
+def normalisation(mean: Sequence[float], std: Sequence[float],
+                  device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)``, each 1 x C x 1 x 1 on ``device``, so that ``uint8 * scale - shift`` is
+    ``(x / 255 - mean) / std``."""
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    scale = (1.0 / (255.0 * std_t)).view(1, -1, 1, 1)
+    shift = (torch.tensor(mean, dtype=torch.float32, device=device) / std_t).view(1, -1, 1, 1)
+    return scale, shift
 
 
 def normalise(images: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, channels_last: bool) -> torch.Tensor:

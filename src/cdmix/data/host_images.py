@@ -31,7 +31,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from cdmix.data.batches import DeviceImages, crop_batch, crop_padding, normalise, random_crop_flip
+from cdmix.data.batches import (DeviceImages, crop_batch, crop_padding, normalisation, normalise,
+                                random_crop_flip)
 from cdmix.data.store import StoreView, available_memory
 
 PLACEMENTS = ("auto", "device", "host", "disk")
@@ -97,9 +98,7 @@ class HostImages:
         self.device = torch.device(device)
         height, width, channels = images.shape[1:4]
         self.image_shape = (height, width, channels)
-        scale = torch.tensor(std, dtype=torch.float32, device=self.device)
-        self.scale = (1.0 / (255.0 * scale)).view(1, channels, 1, 1)
-        self.shift = (torch.tensor(mean, dtype=torch.float32, device=self.device) / scale).view(1, channels, 1, 1)
+        self.scale, self.shift = normalisation(mean, std, self.device)
         self.channels_last = channels_last
         self.pad = crop_padding(width)
         self.crop = crop if crop is not None and (crop < min(height, width) or resized_crop) else None

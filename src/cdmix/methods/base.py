@@ -268,12 +268,16 @@ class Method:
                               "gmm_weights": np.asarray(params["weights"])}
         return prob
 
-    def add_selection_metrics(self, row: dict, tag: str, selected: np.ndarray, score: np.ndarray) -> None:
+    def add_selection_metrics(self, row: dict, tag: str, selected: np.ndarray, score: np.ndarray,
+                              idx: np.ndarray | None = None) -> None:
         """Precision / recall of the selected-as-clean set and ROC-AUC of ``score``, where the true
-        labels are known (``sel_*_<tag>`` columns)."""
+        labels are known (``sel_*_<tag>`` columns); ``idx``: the samples ``selected`` and ``score``
+        are of, when not all of them."""
         if self.train.true_labels is None:
             return
         is_clean = (self.train.labels == self.train.true_labels).cpu().numpy()
+        if idx is not None:
+            is_clean = is_clean[idx]
         metrics = selection_metrics(selected, score, is_clean)
         row[f"sel_precision_{tag}"] = metrics["precision"]
         row[f"sel_recall_{tag}"] = metrics["recall"]

@@ -144,21 +144,29 @@ class DivideMix(Method):
             prob, params = fit_gmm_clean_prob(gmm_input, seed=config.seed)
             clean_probs.append(prob)
             tag = f"net{i + 1}"
-            clean_mean = params["means"][params["clean_component"]]
-            noisy_mean = params["means"][1 - params["clean_component"]] if not params["degenerate"] else clean_mean
-            row[f"labeled_{tag}"] = int((prob > config.p_threshold).sum())
-            row[f"gmm_mean_clean_{tag}"] = clean_mean
-            row[f"gmm_mean_noisy_{tag}"] = noisy_mean
-            self.add_selection_metrics(row, tag, prob > config.p_threshold, prob)
-            division.update({f"loss_{tag}": gmm_input, f"clean_prob_{tag}": prob,
-                             f"gmm_means_{tag}": np.asarray(params["means"]),
-                             f"gmm_variances_{tag}": np.asarray(params["variances"]),
-                             f"gmm_weights_{tag}": np.asarray(params["weights"])})
+            self.record_gmm(row, division, tag, prob, params)
+            division.update({f"loss_{tag}": gmm_input, f"clean_prob_{tag}": prob})
         division["clean_prob"] = np.mean(clean_probs, axis=0)
         self.last_division = division
         if self.dist.enabled:
             row["division_ranks_agree"] = int(self.ranks_agree(clean_probs))
         return clean_probs
+
+    def record_gmm(self, row: dict, division: dict, tag: str, prob: np.ndarray, params: dict,
+                   idx: np.ndarray | None = None) -> None:
+        """metrics.csv columns (labeled count, GMM means, selection metrics) and division.npz arrays
+        (GMM parameters) of net ``tag``'s fit; ``prob``: the clean probabilities of the samples it was
+        fitted on (``idx``, when not all of them)."""
+        threshold = self.config.p_threshold
+        clean_mean = params["means"][params["clean_component"]]
+        noisy_mean = params["means"][1 - params["clean_component"]] if not params["degenerate"] else clean_mean
+        row[f"labeled_{tag}"] = int((prob > threshold).sum())
+        row[f"gmm_mean_clean_{tag}"] = clean_mean
+        row[f"gmm_mean_noisy_{tag}"] = noisy_mean
+        self.add_selection_metrics(row, tag, prob > threshold, prob, idx)
+        division.update({f"gmm_means_{tag}": np.asarray(params["means"]),
+                         f"gmm_variances_{tag}": np.asarray(params["variances"]),
+                         f"gmm_weights_{tag}": np.asarray(params["weights"])})
 
     def ranks_agree(self, clean_probs: list[np.ndarray]) -> bool:
         """Under torchrun: do all ranks hold the same division? (A checksum of each, all-gathered.)"""

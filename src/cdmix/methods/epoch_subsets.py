@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from cdmix.methods.base import EpochContext
 from cdmix.methods.dividemix import DivideMix
-from cdmix.selection import fit_gmm_clean_prob, minmax_normalise, selection_metrics
+from cdmix.selection import fit_gmm_clean_prob, minmax_normalise
 
 # Stream ids of the subset draws, so the warm-up and the division subsets never coincide.
 WARMUP_DRAW, DIVIDE_DRAW = 1, 2
@@ -100,23 +100,10 @@ class EpochSubsetDivideMix(DivideMix):
             loss_full, prob_full = np.full(n, np.nan), np.full(n, np.nan)
             loss_full[idx], prob_full[idx] = norm, prob
             clean_probs.append(prob_full)
-            clean_mean = params["means"][params["clean_component"]]
-            noisy_mean = params["means"][1 - params["clean_component"]] if not params["degenerate"] else clean_mean
             row[f"subset_{tag}"] = len(idx)
-            row[f"labeled_{tag}"] = int((prob > config.p_threshold).sum())
-            row[f"gmm_mean_clean_{tag}"] = clean_mean
-            row[f"gmm_mean_noisy_{tag}"] = noisy_mean
             row[f"seconds_divide_{tag}"] = time.perf_counter() - t0
-            if self.train.true_labels is not None:
-                is_clean = (self.train.labels == self.train.true_labels).cpu().numpy()[idx]
-                metrics = selection_metrics(prob > config.p_threshold, prob, is_clean)
-                row[f"sel_precision_{tag}"] = metrics["precision"]
-                row[f"sel_recall_{tag}"] = metrics["recall"]
-                row[f"sel_auc_{tag}"] = metrics["auc"]
-            division.update({f"loss_{tag}": loss_full, f"clean_prob_{tag}": prob_full, f"subset_{tag}": idx,
-                             f"gmm_means_{tag}": np.asarray(params["means"]),
-                             f"gmm_variances_{tag}": np.asarray(params["variances"]),
-                             f"gmm_weights_{tag}": np.asarray(params["weights"])})
+            self.record_gmm(row, division, tag, prob, params, idx)
+            division.update({f"loss_{tag}": loss_full, f"clean_prob_{tag}": prob_full, f"subset_{tag}": idx})
         stacked = np.stack(clean_probs)
         seen = np.isfinite(stacked)
         division["clean_prob"] = np.where(seen.any(0), np.where(seen, stacked, 0).sum(0) / np.maximum(seen.sum(0), 1),
