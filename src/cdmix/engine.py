@@ -242,12 +242,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         bs = self.config.eval_batch_size
         logits = self.method.predict_logits(self.test_images, bs)
-        row = {"test_acc": accuracy(torch.stack(logits).sum(0), self.test_labels)}
+        ensemble = torch.stack(logits).sum(0)
+        row = {"test_acc": accuracy(ensemble, self.test_labels)}
         if len(logits) > 1:
             for i, net_logits in enumerate(logits, start=1):
                 row[f"test_acc_net{i}"] = accuracy(net_logits, self.test_labels)
         if self.config.top5:
-            row["test_top5"] = top_k_accuracy(torch.stack(logits).sum(0), self.test_labels)
+            row["test_top5"] = top_k_accuracy(ensemble, self.test_labels)
         for name, (images, labels) in self.extra_tests.items():
             ensemble = torch.stack(self.method.predict_logits(images, bs)).sum(0)
             row[f"test_acc_{name}"] = accuracy(ensemble, labels)
