@@ -160,6 +160,54 @@ def test_resume_without_checkpoint_and_corrupt_checkpoint(tmp_path, digits_run):
         cdmix.resume(broken)
 
 
+def _collapse_at_last_epoch(monkeypatch, epochs):
+    """The test accuracy of the last epoch is made 0% (a collapse the run does not recover from);
+    training is real. Returns the mean softmax of the nets on the training part after each epoch."""
+    from cdmix.engine import Trainer
+
+    real, seen = Trainer.evaluate, []
+
+    def evaluate(self):
+        row = real(self)
+        probs = [torch.softmax(z, 1) for z in self.method.predict_logits(self.train.images, 256)]
+        seen.append(torch.stack(probs).mean(0).numpy())
+        if len(seen) == epochs:
+            row["test_acc"] = 0.0
+        return row
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    return seen
+
+
+@pytest.mark.parametrize("folder", [True, False])
+def test_a_run_that_ends_collapsed_is_scored_with_its_best_nets(tmp_path, monkeypatch, folder):
+    from cdmix.data.sources import load_source
+    from cdmix.issues import collapse_caution
+
+    seen = _collapse_at_last_epoch(monkeypatch, epochs=3)
+    raw = load_source("digits", "")
+    settings = dict(method="standard", epochs=3, batch_size=32, val_fraction=0.0, progress=False, test_images=raw.test_images,
+                    test_labels=raw.test_labels, **({"out": str(tmp_path / "run")} if folder else {}))
+    result = cdmix.train(raw.train_images, raw.train_labels, **settings)
+    summary = result.summary
+    best = summary["test_acc_best_epoch"]
+    assert summary["ended_collapsed"] and summary["collapse_warnings"] == 1 and best < 3
+    assert summary["scored_epoch"] == best
+    assert np.allclose(result.scores["pred_probs"], seen[best - 1], atol=1e-6)
+    assert not np.allclose(result.scores["pred_probs"], seen[-1], atol=1e-3)  # not the collapsed final nets
+    assert f"epoch {best}, its best" in collapse_caution(summary)
+    if folder:  # the exported nets are the best ones too, and summary.json says so
+        assert json.loads((tmp_path / "run" / "summary.json").read_text())["scored_epoch"] == best
+        model = cdmix.load_model(tmp_path / "run")
+        assert np.allclose(model(raw.train_images), seen[best - 1], atol=1e-5)
+
+
+def test_a_run_that_did_not_collapse_is_scored_with_its_final_nets(tmp_path):
+    result = cdmix.train(Config(method="standard", epochs=2, batch_size=32, out=str(tmp_path / "ok"),
+                                progress=False))
+    assert result.summary["ended_collapsed"] is False and result.summary["scored_epoch"] == 2
+
+
 def test_lr_schedules():
     step = Config(lr=0.02, epochs=10, lr_step=5)
     assert lr_at(step, 4) == 0.02 and lr_at(step, 5) == pytest.approx(0.002)

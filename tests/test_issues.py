@@ -78,6 +78,9 @@ def test_collapse_caution_only_for_a_run_that_collapsed_and_stayed_down():
     assert line is not None and "unreliable" in line and "epoch 17" in line and "44.44%" in line
     assert collapse_caution({**collapsed, "collapse_warnings": 0}) is None
     assert collapse_caution({**collapsed, "test_acc_last": 60.0}) is None  # recovered: within 10 points
+    # Runs that record how they ended were scored with their best nets when they ended collapsed.
+    assert "nets of epoch 17, its best" in collapse_caution({**collapsed, "ended_collapsed": True, "scored_epoch": 17})
+    assert collapse_caution({**collapsed, "ended_collapsed": False, "scored_epoch": 30}) is None
 
 
 def test_epoch_line_estimates_the_time_left():

@@ -6,6 +6,7 @@ Every epoch is seeded from (seed, epoch), so a resumed run replays exactly the e
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -227,6 +228,9 @@ class Trainer:
         self.seconds_before = 0.0
         self.collapse_count = 0
         self.last_selected: float | None = None
+        self.last_select_acc: float | None = None  # the last epoch's selection accuracy (val, else test)
+        self.best_state: dict[str, Any] | None = None  # best.pt's method state, kept in memory without a run folder
+        self.summary: dict[str, Any] | None = None
         if resume:
             state = runs.load_checkpoint(run_dir / runs.CHECKPOINT, map_location=str(device), config=config)
             runs.restore_method(self.method, state, run_dir / runs.CHECKPOINT)
@@ -237,6 +241,7 @@ class Trainer:
             self.seconds_before = state["seconds"]
             self.collapse_count = state.get("collapse_count", 0)
             self.last_selected = state.get("last_selected")
+            self.last_select_acc = state.get("last_select_acc")
 
     # ----- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -269,6 +274,7 @@ class Trainer:
             "seconds": seconds,
             "collapse_count": self.collapse_count,
             "last_selected": self.last_selected,
+            "last_select_acc": self.last_select_acc,
             "config": self.config.to_dict(),
         }
 
@@ -304,6 +310,9 @@ class Trainer:
                     improved = True
                 else:
                     improved = False
+                if improved and self.run_dir is None:
+                    self.best_state = copy.deepcopy(self.method.state_dict())
+                self.last_select_acc = select_acc
                 self.watch_collapse(row, select_acc)
                 last_row = row
                 seconds = self.seconds_before + time.perf_counter() - t_run
@@ -323,6 +332,7 @@ class Trainer:
             log.close()
         if not last_row and self.start_epoch >= config.epochs:
             say(f"run already finished ({config.epochs} epochs)")
+        self.end_with_best_if_collapsed()
         self.write_label_issues()
         distributed.barrier(self.dist)
         summary = self.summary if self.run_dir is None else runs.read_summary(self.run_dir)
@@ -358,14 +368,44 @@ class Trainer:
             if self.config.on_collapse == "rollback":
                 self.rollback(row)
 
+    def restore_best(self) -> int:
+        """Load the best epoch's method state (best.pt, or its copy in memory without a run folder)
+        into the method; returns that epoch, 1-based."""
+        if self.run_dir is None:
+            self.method.load_state_dict(copy.deepcopy(self.best_state))
+        else:
+            state = runs.load_checkpoint(self.run_dir / runs.BEST, map_location=self.config.device, config=self.config)
+            runs.restore_method(self.method, state, self.run_dir / runs.BEST)
+        return self.best_epoch + 1
+
     def rollback(self, row: dict[str, Any]) -> None:
         """Restore the best checkpoint and continue with the lr and pseudo-label weight cut."""
-        state = runs.load_checkpoint(self.run_dir / runs.BEST, map_location=self.config.device, config=self.config)
-        runs.restore_method(self.method, state, self.run_dir / runs.BEST)
+        epoch = self.restore_best()
         self.method.on_rollback(self.collapse_count)
         row["rollback"] = 1
-        logger.warning(f"rolled back to epoch {state['epoch'] + 1}; lr and pseudo-label weight cut "
-                       f"x{0.5 ** self.collapse_count:g}")
+        logger.warning(f"rolled back to epoch {epoch}; lr and pseudo-label weight cut x{0.5 ** self.collapse_count:g}")
+
+    def ended_collapsed(self) -> bool:
+        """The run collapsed and did not recover: collapse warnings, and the last epoch's selection
+        accuracy (validation, else test) still ``collapse_drop`` points or more below the best."""
+        return (self.collapse_count > 0 and self.last_select_acc is not None and self.best_epoch >= 0
+                and self.best_acc - self.last_select_acc >= self.config.collapse_drop)
+
+    def end_with_best_if_collapsed(self) -> None:
+        """A run that ended collapsed is scored and exported with its best epoch's nets, not the
+        collapsed final ones; summary.json says which (``scored_epoch``, ``ended_collapsed``)."""
+        if self.summary is None and self.run_dir is not None and (self.run_dir / runs.SUMMARY).is_file():
+            self.summary = runs.read_summary(self.run_dir)  # a finished run resumed: nothing trained now
+        if self.summary is None:  # not on rank 0 without a folder: the nets are restored below all the same
+            self.summary = {}
+        collapsed = self.ended_collapsed()
+        scored = self.restore_best() if collapsed else self.summary.get("epochs_done")
+        if collapsed and self.dist.is_main:
+            logger.warning(f"the run ended collapsed: its label issues, pred_probs.npy and exported nets come from "
+                           f"the nets of epoch {scored}, the best ({self.best_acc:.2f}%), not from the final ones")
+        self.summary.update(ended_collapsed=collapsed, scored_epoch=scored)
+        if self.dist.is_main and self.run_dir is not None:
+            runs.write_summary(self.run_dir, self.summary)
 
     def write_summary(self, epoch: int, seconds: float, rows: list[dict[str, Any]]) -> None:
         self.summary = self.summary_dict(epoch, seconds, rows)

@@ -241,17 +241,28 @@ def display_names(issues: LabelIssues) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def collapse_caution(summary: dict, drop: float = 10.0) -> str | None:
-    """A line for the user when the run collapsed and did not recover (collapse warnings, and the
-    last test accuracy ``drop`` points or more below the best): its label issues come from the final
-    nets, so they are then unreliable. None otherwise."""
+    """A line for the user when the run collapsed and did not recover, None otherwise.
+
+    Such a run is scored with its best epoch's nets (summary.json ``ended_collapsed``,
+    ``scored_epoch``); the line says so. A run folder from before that rule (no ``ended_collapsed``)
+    was scored by its final nets: the line says those are unreliable when the run had collapse
+    warnings and its last test accuracy is ``drop`` points or more below the best.
+    """
     count = summary.get("collapse_warnings") or 0
     best, last = summary.get("test_acc_best"), summary.get("test_acc_last")
+    accuracies = ("" if best is None or last is None else
+                  f" (best {best:.2f}% at epoch {summary['test_acc_best_epoch']}, last {last:.2f}% on the test split)")
+    advice = "Too few images for DivideMix? Try --method standard or a pretrained backbone (README: 'Your own data')"
+    if "ended_collapsed" in summary:
+        if not summary["ended_collapsed"]:
+            return None
+        return (f"caution: accuracy collapsed in {count} epoch(s) of this run and did not recover{accuracies}; the "
+                f"label issues come from the nets of epoch {summary['scored_epoch']}, its best, not from the "
+                f"collapsed final ones. {advice}")
     if not count or best is None or last is None or best - last < drop:
         return None
-    return (f"caution: accuracy collapsed in {count} epoch(s) of this run (best {summary['test_acc_best']:.2f}% at "
-            f"epoch {summary['test_acc_best_epoch']}, last {summary['test_acc_last']:.2f}% on the test split); the "
-            f"ranking comes from the final nets and is unreliable. Too few images for DivideMix? Try --method "
-            f"standard or a pretrained backbone (README: 'Your own data')")
+    return (f"caution: accuracy collapsed in {count} epoch(s) of this run{accuracies}; the ranking comes from the "
+            f"final nets and is unreliable. {advice}")
 
 
 def format_table(issues: LabelIssues) -> list[str]:

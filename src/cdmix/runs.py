@@ -62,14 +62,16 @@ metrics.csv        one row per epoch: lr, losses, test accuracy, selection metri
 events.out.tfevents.*  the same metrics for TensorBoard (tensorboard --logdir <this folder>)
 checkpoint.pt      everything needed to resume: models, optimizers, RNG states, epoch (cdmix resume <this folder>)
 best.pt            the checkpoint of the epoch with the best test (or validation) accuracy
-summary.json       test_acc_best, test_acc_last (percent), epochs_done, noise rates, seconds, device
+summary.json       test_acc_best, test_acc_last (percent), epochs_done, noise rates, seconds, device;
+                   scored_epoch: the epoch whose nets scored the samples and were exported (the last,
+                   or the best when ended_collapsed: the run collapsed and did not recover)
 labels.npz         the noisy labels training used and, where known, the true labels
 division.npz       per-sample losses, clean probabilities and GMM parameters of the last division
 label_issues.csv   every training sample ranked by how likely its label is wrong (cdmix issues <this folder>):
                    index (row in the training order), id (path or id column, where the data has one),
                    given and predicted label and class, clean_prob, issue_score, scored, and the true
                    label where it is known. How each score was made, after the last epoch, by the final
-                   nets in eval mode without augmentation:
+                   nets (the best epoch's when the run ended collapsed) in eval mode without augmentation:
                      issue_score = 1 - pred_probs[i, given label] (the ranking, most suspicious first);
                      clean_prob  = the clean component's posterior of a two-component GMM fitted, per net,
                                    to the min-max normalised per-sample losses of the in-sample part,
