@@ -71,6 +71,8 @@ def main() -> None:
         flipped = make_folder(root, args.per_class, args.flip, args.seed)
         n = args.per_class * len(CLASSES)
         print(f"{n} images of {len(CLASSES)} classes, {len(flipped)} in a wrong class folder", flush=True)
+        print("| images | method | epochs | warm-up (auto) | flipped (train) | precision@K | ROC-AUC | flagged | "
+              "flagged precision | test acc last | scored with epoch | seconds |\n" + "|---" * 12 + "|", flush=True)
         for method in args.methods.split(","):
             t0 = time.perf_counter()
             epochs = args.epochs or 100
@@ -85,7 +87,7 @@ def main() -> None:
             print(f"| {n} | {method} | {epochs} | {result.summary.get('warmup_epochs') or '-'} | "
                   f"{int(wrong.sum())} | {p_at_k:.2f} | {auc:.3f} | {int(flagged.sum())} | "
                   f"{wrong[flagged].mean() if flagged.any() else float('nan'):.2f} | "
-                  f"{result.test_acc_last:.1f} | {seconds:.0f} |", flush=True)
+                  f"{result.test_acc_last:.1f} | {result.summary['scored_epoch']} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
