@@ -202,10 +202,31 @@ def test_a_run_that_ends_collapsed_is_scored_with_its_best_nets(tmp_path, monkey
         assert np.allclose(model(raw.train_images), seen[best - 1], atol=1e-5)
 
 
+def test_a_drop_that_chance_makes_on_few_images_is_no_collapse():
+    from cdmix.engine import chance_drop
+
+    assert chance_drop(66.67, 30) == pytest.approx(24.3, abs=0.1)  # 7 of 30 images
+    assert chance_drop(50.0, 1017) < 10 < chance_drop(100.0, 16)  # the 10-point default rules on a real test set
+
+
 def test_a_run_that_did_not_collapse_is_scored_with_its_final_nets(tmp_path):
     result = cdmix.train(Config(method="standard", epochs=2, batch_size=32, out=str(tmp_path / "ok"),
                                 progress=False))
     assert result.summary["ended_collapsed"] is False and result.summary["scored_epoch"] == 2
+
+
+def test_a_division_method_on_few_images_from_scratch_is_cautioned(caplog):
+    from cdmix.data.sources import load_source
+    from cdmix.engine import small_data_caution
+
+    assert "only 300 training images" in small_data_caution(Config(method="dividemix"), 300)
+    assert small_data_caution(Config(method="standard"), 300) is None
+    assert small_data_caution(Config(method="dividemix", pretrained="w.pt"), 300) is None
+    assert small_data_caution(Config(method="hybrid"), 5000) is None
+    raw = load_source("digits", "")
+    with caplog.at_level("WARNING", logger="cdmix"):
+        cdmix.find_label_issues(raw.train_images[:300], raw.train_labels[:300], epochs=2, warmup=1)
+    assert any("only 300 training images" in r.getMessage() for r in caplog.records)
 
 
 def test_lr_schedules():
