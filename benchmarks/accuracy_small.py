@@ -28,7 +28,10 @@ from sklearn.metrics import roc_auc_score
 import cdmix
 from cdmix.config import Config
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared/data beside the checkout; on the GPU machine a git-ignored copy in the checkout (shared/data).
+SHARED = next((p for p in (ROOT.parent / "shared" / "data", ROOT / "shared" / "data") if p.is_dir()),
+              ROOT.parent / "shared" / "data")
 
 
 def pool2(images: np.ndarray) -> np.ndarray:
