@@ -186,8 +186,9 @@ def test_a_run_that_ends_collapsed_is_scored_with_its_best_nets(tmp_path, monkey
 
     seen = _collapse_at_last_epoch(monkeypatch, epochs=3)
     raw = load_source("digits", "")
-    settings = dict(method="standard", epochs=3, batch_size=32, val_fraction=0.0, progress=False, test_images=raw.test_images,
-                    test_labels=raw.test_labels, **({"out": str(tmp_path / "run")} if folder else {}))
+    settings = dict(method="standard", epochs=3, batch_size=32, val_fraction=0.0, progress=False,
+                    test_images=raw.test_images, test_labels=raw.test_labels,
+                    **({"out": str(tmp_path / "run")} if folder else {}))
     result = cdmix.train(raw.train_images, raw.train_labels, **settings)
     summary = result.summary
     best = summary["test_acc_best_epoch"]
