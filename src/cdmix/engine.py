@@ -361,7 +361,7 @@ class Trainer:
         row["collapse"] = int(drop >= self.config.collapse_drop)
         if row["collapse"]:
             self.collapse_count += 1
-            judged = len(self.val_labels) if "val_acc" in row else len(self.test_labels)
+            judged = self.selection_images()
             logger.warning(f"epoch {row['epoch']}: {'val' if 'val_acc' in row else 'test'} accuracy dropped "
                            f"{drop:.1f} points below the best ({self.best_acc:.2f}% at epoch {self.best_epoch + 1}; "
                            f"{round(drop * judged / 100)} of {judged} images): the run may be collapsing")
@@ -391,9 +391,12 @@ class Trainer:
         than chance makes on that many images (``chance_drop``)."""
         if not self.collapse_count or self.last_select_acc is None or self.best_epoch < 0:
             return False
-        judged = len(self.val_labels) if self.val_labels is not None else len(self.test_labels)
         drop = self.best_acc - self.last_select_acc
-        return drop >= max(self.config.collapse_drop, chance_drop(self.best_acc, judged))
+        return drop >= max(self.config.collapse_drop, chance_drop(self.best_acc, self.selection_images()))
+
+    def selection_images(self) -> int:
+        """How many images the selection accuracy (validation, else test) is measured on."""
+        return len(self.val_labels) if self.val_labels is not None else len(self.test_labels)
 
     def end_with_best_if_collapsed(self) -> None:
         """A run that ended collapsed is scored and exported with its best epoch's nets, not the
