@@ -90,3 +90,20 @@ def test_epoch_line_estimates_the_time_left():
     row = {"epoch": 1, "lr": 0.02, "test_acc": 33.3, "seconds": 22.3}
     assert epoch_line(Config(epochs=300), row, 30.0).endswith("(~1h51m left at this pace)")
     assert "left" not in epoch_line(Config(epochs=3), row, 30.0)  # under a minute: nothing to announce
+
+
+def test_end_of_training_says_which_nets_ranked_after_warnings_that_did_not_hold(capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from cdmix.cli import print_end
+
+    (tmp_path / "metrics.csv").write_text("epoch,test_acc\n1,60.0\n")
+    summary = {"test_acc_best": 68.89, "test_acc_best_epoch": 15, "test_acc_last": 51.11, "collapse_warnings": 16,
+               "ended_collapsed": False, "scored_epoch": 30, "num_val": 0, "num_test": 45}
+    print_end(SimpleNamespace(run_dir=tmp_path, summary=summary, test_acc_best=68.89, test_acc_last=51.11))
+    out = capsys.readouterr().out
+    assert "16 collapse warning(s) did not hold" in out and "45 images" in out and "final nets (epoch 30)" in out
+    print_end(SimpleNamespace(run_dir=tmp_path, summary={**summary, "ended_collapsed": True, "scored_epoch": 15},
+                              test_acc_best=68.89, test_acc_last=51.11))
+    out = capsys.readouterr().out
+    assert "did not hold" not in out and "nets of epoch 15, its best" in out

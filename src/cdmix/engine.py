@@ -759,9 +759,9 @@ def small_data_caution(config: Config, num_train: int) -> str | None:
     measurements; None otherwise."""
     if config.method not in ("dividemix", "hybrid") or config.pretrained or num_train >= SMALL_FROM_SCRATCH:
         return None
-    return (f"{config.method} from scratch on only {num_train} training images: on a few hundred images it "
-            f"collapsed in our tests (README: 'Your own data'); --method standard or a pretrained backbone "
-            f"(--pretrained) ranks label errors better with so little data")
+    return (f"--method {config.method} trains from scratch on only {num_train} training images; on a few hundred "
+            f"images it collapsed in our tests, and --method standard or a pretrained backbone (--pretrained FILE) "
+            f"ranked label errors better (README: 'Your own data')")
 
 
 PRETRAINED = "pretrained.json"
