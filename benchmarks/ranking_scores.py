@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_small import ranking_quality  # noqa: E402
 
 
 def load_run(run_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -55,12 +58,6 @@ def scores(pred_probs: np.ndarray, given: np.ndarray, clean_prob: np.ndarray) ->
             "class-adjusted self-confidence": 1.0 - adjusted[rows, given], "1 - clean_prob": 1.0 - clean_prob}
 
 
-def rank_quality(score: np.ndarray, wrong: np.ndarray) -> tuple[float, float]:
-    """(ROC-AUC, precision at K = number of wrong labels)."""
-    top = np.argsort(-score, kind="stable")[:int(wrong.sum())]
-    return float(roc_auc_score(wrong, score)), float(wrong[top].mean())
-
-
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders")
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None) -> str:
         pred_probs, given, true, clean = load_run(run_dir)
         wrong = given != true
         for name, score in scores(pred_probs, given, clean).items():
-            auc, p_at_k = rank_quality(score, wrong)
+            auc, p_at_k = ranking_quality(score, wrong)
             lines.append(f"| {run_dir.name} | {name} | {auc:.3f} | {p_at_k:.3f} |")
     table = "\n".join(lines)
     print(table)

@@ -49,8 +49,8 @@ def test_class_adjustment_lifts_a_class_the_nets_are_shy_of():
     pred_probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.5, 0.5], [0.6, 0.4], [0.6, 0.4], [0.6, 0.4]])
     wrong = np.array([False, False, True, False, False, False])
     s = ranking_scores.scores(pred_probs, given, clean_prob=np.zeros(6))
-    assert ranking_scores.rank_quality(s["self-confidence"], wrong)[1] == 0.0
-    assert ranking_scores.rank_quality(s["class-adjusted self-confidence"], wrong) == (1.0, 1.0)
+    assert ranking_scores.ranking_quality(s["self-confidence"], wrong)[1] == 0.0
+    assert ranking_scores.ranking_quality(s["class-adjusted self-confidence"], wrong) == (1.0, 1.0)
 
 
 def test_a_run_without_true_labels_is_refused_in_one_line(tmp_path):
