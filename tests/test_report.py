@@ -261,3 +261,23 @@ def test_report_renders_in_headless_chromium(report, tmp_path: Path) -> None:
     assert _distinct_colours(pixels) > 200
     blue = np.all(np.abs(pixels.astype(int) - [31, 119, 180]) < 12, axis=-1)
     assert blue.sum() > 500, "the screenshot shows no plot lines"
+
+
+def test_the_warmup_plot_says_why_it_is_absent(tmp_path: Path) -> None:
+    from cdmix.report.plots import plot_warmup
+    from cdmix.report.rundata import RunData
+
+    def missing(summary: dict) -> str:
+        return plot_warmup(RunData(path=tmp_path, name="r", summary=summary, metrics=[{"epoch": 1}])).missing
+
+    assert missing({"method": "standard"}) == "standard has no automatic warm-up"  # not "a fixed warm-up"
+    assert "fixed warm-up" in missing({"method": "dividemix", "warmup_epochs": 10, "warmup_rule": "fixed"})
+
+
+def test_a_run_on_the_users_own_labels_says_no_noise_was_added(tmp_path: Path) -> None:
+    from cdmix.report.page import key_facts
+    from cdmix.report.rundata import RunData
+
+    summary = {"noise_source": "none", "noise_mode": "none", "noise_rate_nominal": None, "noise_rate_actual": None}
+    facts = dict(key_facts(RunData(path=tmp_path, name="mine", summary=summary, metrics=[])))
+    assert facts["noise"].startswith("none added: the labels as given")

@@ -109,7 +109,7 @@ def print_end(result) -> None:
     if caution:
         print(caution)
     elif s.get("collapse_warnings") and s.get("ended_collapsed") is False:
-        print(f"note: the {s['collapse_warnings']} collapse warning(s) did not hold to the end : at the end the drop was "
+        print(f"note: the {s['collapse_warnings']} collapse warning(s) did not hold to the end: at the end the drop was "
               f"too small, or within chance on {s['num_val'] or s['num_test']} images; the label issues come from "
               f"the final nets (epoch {s['scored_epoch']})")
     print(f"report:      cdmix report {result.run_dir}")

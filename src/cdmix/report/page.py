@@ -67,7 +67,9 @@ def key_facts(run: RunData) -> list[tuple[str, str]]:
                                + (f" at epoch {int(best_epoch)}" if isinstance(best_epoch, (int, float)) else "")),
         ("last test accuracy", f"{acc(s.get('test_acc_last'))}%"),
         ("best − last", f"{acc(accuracy_drop(s))} points"),
-        ("noise", f"{s.get('noise_source', '-')} {s.get('noise_mode') or ''}: nominal "
+        ("noise", "none added: the labels as given, which of them are wrong is unknown"
+                  if s.get("noise_source") == "none" else
+                  f"{s.get('noise_source', '-')} {s.get('noise_mode') or ''}: nominal "
                   f"{pct(s.get('noise_rate_nominal'))}, actual {pct(s.get('noise_rate_actual'))}".replace("  ", " ")),
         ("samples", f"train {s.get('num_train', '-')}, validation {s.get('num_val', '-')}, "
                     f"test {s.get('num_test', '-')}"),

@@ -135,7 +135,9 @@ def plot_warmup(run: RunData) -> Plot:
     """--warmup auto: the loss GMM's separation after each warm-up epoch, and where the warm-up ended."""
     plot = Plot("warmup", "Automatic warm-up: loss separation per epoch")
     if not has_data(run.metrics, "warmup_separation"):
-        plot.missing = "the run had a fixed warm-up (no warmup_separation column in metrics.csv)"
+        method = run.summary.get("method", "this method")
+        plot.missing = ("the run had a fixed warm-up (no warmup_separation column in metrics.csv)"
+                        if "warmup_rule" in run.summary else f"{method} has no automatic warm-up")
         return plot
     fig = _figure(7.5, 3.6)
     ax = fig.add_subplot()
