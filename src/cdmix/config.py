@@ -18,14 +18,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from cdmix.data.names import CIFARN_LABEL_SETS as _CIFARN_LABEL_SETS
+from cdmix.data.names import DATA_PLACEMENTS
 from cdmix.errors import UserError
 
 DATASETS = ("digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "folder", "csv", "npz", "store", "arrays",
             "clothing1m", "webvision", "food101n", "animal10n")
-DATA_PLACEMENTS = ("auto", "device", "host", "disk")
 METHODS = ("standard", "dividemix", "josrc", "hybrid")
 NOISE_MODES = ("sym", "sym-exclusive", "asym", "pairflip")
-CIFARN_LABEL_SETS = ("worst", "aggre", "random1", "random2", "random3", "noisy")
+CIFARN_LABEL_SETS = tuple(name for sets in _CIFARN_LABEL_SETS.values() for name in sets)  # every --labels name
 # ``--warmup auto`` (see ``cdmix.warmup``): floor and ceiling of the warm-up in optimiser steps per net.
 WARMUP_MIN_STEPS = 200
 WARMUP_MAX_STEPS = 4000

@@ -19,9 +19,8 @@ import torch
 
 from cdmix import runs
 from cdmix.atomic import atomic_write
+from cdmix.data.names import IMAGE_EXTENSIONS
 from cdmix.errors import UserError
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
 def _state_bytes(state: dict[str, torch.Tensor]) -> tuple[bytes, str]:

@@ -35,7 +35,6 @@ from cdmix.data.batches import (DeviceImages, crop_batch, crop_padding, normalis
                                 random_crop_flip)
 from cdmix.data.store import StoreView, available_memory
 
-PLACEMENTS = ("auto", "device", "host", "disk")
 PREFETCH_DEPTH = 3  # batches gathered ahead per announced sequence
 DEVICE_SHARE = 0.25  # auto: the images may take this part of the free device memory
 
