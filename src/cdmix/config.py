@@ -156,6 +156,9 @@ class Config:
                                      bounds="[0, inf)")
     p_threshold: float = setting(0.5, "method", "clean probability threshold of the division", bounds="[0, 1]")
     alpha: float = setting(4.0, "method", "MixUp Beta(alpha, alpha)", bounds="(0, inf)")
+    mix_forward: str = setting("all", "method", "DivideMix MixUp rows forwarded: all 4B (official CIFAR code, "
+                               "also at lambda_u 0) or only the 2B labeled ones (official Clothing1M and WebVision "
+                               "code: no Lu, the prior penalty on those rows alone)", choices=("all", "labeled"))
     temperature: float = setting(0.5, "method", "sharpening temperature", bounds="(0, inf)")
     loss_history: int = setting(1, "method", "average per-sample losses over this many epochs (5 for 90%% noise)",
                                 bounds="[1, inf)")

@@ -319,6 +319,10 @@ class DivideMix(Method):
             net, idx_x, idx_u, weights, lambda u1, u2: self.guess_unlabeled(net, partner, u1, u2),
             self.config.temperature, ctx.aug_generator)
         mixed_inputs, mixed_targets = self.mix(views, targets_x, targets_u, ctx)
+        if self.config.mix_forward == "labeled":
+            # Official Clothing1M / WebVision code: only the 2B labeled mixes are forwarded (their partners
+            # still come from all 4B views), so there is no Lu and the prior penalty covers those rows alone.
+            mixed_inputs, mixed_targets = mixed_inputs[:2 * len(idx_x)], mixed_targets[:2 * len(idx_x)]
         with autocast(self.config):
             logits = net(mixed_inputs)
         return L.dividemix_loss(logits.float(), mixed_targets, 2 * len(idx_x), lambda_u_eff)
