@@ -83,6 +83,40 @@ def gather_rows(local: torch.Tensor, n: int, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts)[:n]
 
 
+class _GatherPadded(torch.autograd.Function):
+    """all_gather of equal-size (padded) blocks whose backward hands each rank the sum over ranks of
+    the gradient of its own block (SimCLR's GatherLayer): every rank's loss reaches every block."""
+
+    @staticmethod
+    def forward(ctx, padded: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
+
+
+def all_gather_with_grad(local: torch.Tensor, info: DistInfo) -> tuple[torch.Tensor, int]:
+    """Every rank's rows of ``local`` concatenated in rank order (sizes may differ by rank), and
+    the row where this rank's own rows start. Gradients flow back to each rank's rows from every
+    rank's use of them (summed), so under DDP's gradient mean a loss computed from the gathered
+    rows trains as the single-process loss would. Single process: ``(local, 0)``."""
+    if not info.enabled:
+        return local, 0
+    size = torch.tensor([len(local)], device=local.device)
+    sizes = [torch.empty_like(size) for _ in range(info.world_size)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    padded = torch.cat([local, local.new_zeros((max(counts) - len(local), *local.shape[1:]))])
+    stacked = _GatherPadded.apply(padded)
+    rows = torch.cat([stacked[r, :counts[r]] for r in range(info.world_size)])
+    return rows, sum(counts[:info.rank])
+
+
 def local_slice(global_idx: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """This rank's part of a global batch of indices (near-equal pieces, in rank order)."""
     if not info.enabled:

@@ -53,6 +53,7 @@ __all__ = [
     "tau_clean_josrc",
     "tau_clean_report",
     "ema_update_",
+    "nt_xent",
 ]
 
 _LN2 = math.log(2.0)
@@ -654,3 +655,58 @@ def ema_update_(
     s_list = [s.detach().to(dtype=t.dtype, device=t.device) for t, s in pairs]
     torch._foreach_mul_(t_list, float(decay))
     torch._foreach_add_(t_list, s_list, alpha=1.0 - float(decay))
+
+
+# ----------------------------------------------------------------------------------------------
+# contrastive (SimCLR / UNICON)
+# ----------------------------------------------------------------------------------------------
+
+
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float,
+    anchors: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """SimCLR's NT-Xent over the 2M views ``[z1; z2]`` (SupContrast's ``SupConLoss`` with no labels).
+
+    For view ``a`` of sample ``i`` the positive is the other view of ``i``; the other 2M - 2 views
+    are the negatives; the anchor itself is left out of the denominator::
+
+        loss_a = -log( exp(z_a . z_pos / T) / sum_{b != a} exp(z_a . z_b / T) )
+
+    and the result is the mean of ``loss_a`` over the anchors, both views of each anchor sample.
+
+    Args:
+        z1, z2: M x d projections of the two views (row i of each from the same image), normally
+            L2-normalised; any float dtype, computed in float32.
+        temperature: T > 0 (SupContrast SimCLR 0.5, UNICON 0.05).
+        anchors: ``(start, stop)``: only samples ``start..stop-1`` are anchors (both their views);
+            every one of the 2M views is still a negative. Under torchrun pass the all-gathered
+            projections and this rank's rows (``cdmix.distributed.all_gather_with_grad``): the
+            mean over ranks of the per-rank losses is then the single-process loss of the whole
+            global batch. Default: all M samples.
+
+    SupContrast multiplies this by ``temperature / base_temperature`` (0.07 unless set); that
+    factor is the caller's. Returns a float32 scalar; an empty anchor set gives 0.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(f"z1 and z2 must both be M x d, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    m = z1.shape[0]
+    start, stop = (0, m) if anchors is None else anchors
+    if not 0 <= start <= stop <= m:
+        raise ValueError(f"anchors {anchors} outside 0..{m}")
+    if stop == start:
+        return _zero_like_graph(z1.float())
+    z = torch.cat([_f32(z1), _f32(z2)])  # 2M x d: view 1 of every sample, then view 2
+    rows = torch.arange(start, stop, device=z.device)
+    anchor_idx = torch.cat([rows, rows + m])
+    positive_idx = torch.cat([rows + m, rows])
+    logits = z[anchor_idx] @ z.T / temperature  # 2n x 2M
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(len(anchor_idx), device=z.device), anchor_idx] = True
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    positive = logits.gather(1, positive_idx.view(-1, 1)).squeeze(1)
+    return (torch.logsumexp(logits, dim=1) - positive).mean()

@@ -26,6 +26,9 @@ __all__ = [
     "blend_clean_prob",
     "gmm_separation",
     "warmup_decision",
+    "knn_predict",
+    "knn_accuracy",
+    "knn_label_disagreement",
 ]
 
 
@@ -439,3 +442,104 @@ def warmup_decision(separations: Sequence[float], steps_per_epoch: int, min_step
     if epochs - 1 - best >= patience:
         return "separation stopped improving"
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN in a feature space (torch, on the features' device)
+# ----------------------------------------------------------------------------------------------
+
+KNN_MONITOR_K = 200  # InstDisc's weighted kNN monitor (also SupContrast-era SimCLR monitors)
+KNN_MONITOR_TEMPERATURE = 0.1
+KNN_DISAGREEMENT_K = 10  # SimiFeat's default neighbourhood
+
+
+def _unit_rows(features):
+    import torch
+
+    return torch.nn.functional.normalize(features.float(), dim=1)
+
+
+def knn_predict(query, bank, bank_labels, num_classes: int, k: int = KNN_MONITOR_K,
+                temperature: float = KNN_MONITOR_TEMPERATURE, batch_size: int = 1024):
+    """Weighted kNN class of each query (InstDisc's monitor): among the ``k`` bank rows of highest
+    cosine similarity ``s``, each votes for its label with weight ``exp(s / temperature)``; the
+    class of the largest total wins (ties: the lowest class index).
+
+    Args:
+        query: Q x d features, bank: N x d features (any scale: rows are L2-normalised here), on
+            one device; bank_labels: int (N,) labels of the bank rows.
+        num_classes: C; k: neighbours (capped at N); batch_size: query rows per Q_b x N
+            similarity block, so memory is batch_size x N floats.
+
+    Returns:
+        (predictions int64 (Q,), votes float32 Q x C), torch tensors on the features' device.
+    """
+    import torch
+
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    bank = _unit_rows(bank)
+    bank_labels = torch.as_tensor(bank_labels, device=bank.device).long()
+    if len(bank) != len(bank_labels):
+        raise ValueError(f"{len(bank)} bank rows but {len(bank_labels)} labels")
+    k = min(k, len(bank))
+    query = _unit_rows(query)
+    votes = []
+    for start in range(0, len(query), batch_size):
+        sim = query[start:start + batch_size] @ bank.T
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        block = torch.zeros((len(sim), num_classes), device=bank.device)
+        votes.append(block.scatter_add_(1, bank_labels[top_idx], weights))
+    votes = torch.cat(votes) if votes else torch.zeros((0, num_classes), device=bank.device)
+    return votes.argmax(dim=1), votes
+
+
+def knn_accuracy(query, query_labels, bank, bank_labels, num_classes: int, k: int = KNN_MONITOR_K,
+                 temperature: float = KNN_MONITOR_TEMPERATURE, batch_size: int = 1024) -> float:
+    """Accuracy in percent of :func:`knn_predict` on ``query`` against ``query_labels`` (the kNN
+    monitor of self-supervised training: test features queried against the training features
+    and their given labels). NaN for an empty query set."""
+    import torch
+
+    if len(query) == 0:
+        return float("nan")
+    predictions, _ = knn_predict(query, bank, bank_labels, num_classes, k, temperature, batch_size)
+    truth = torch.as_tensor(query_labels, device=predictions.device).long()
+    return float((predictions == truth).float().mean()) * 100.0
+
+
+def knn_label_disagreement(features, labels, k: int = KNN_DISAGREEMENT_K, batch_size: int = 1024) -> np.ndarray:
+    """Share of each sample's ``k`` nearest neighbours (cosine, the sample itself excluded) whose
+    given label differs from its own (SimiFeat / Docta's kNN signal): 0 = every neighbour agrees,
+    1 = none does; higher = more likely mislabeled. No classifier is trained.
+
+    Args:
+        features: N x d features (rows L2-normalised here); labels: int (N,) given labels.
+        k: neighbours per sample (capped at N - 1); batch_size: query rows per similarity block
+            against all N rows (memory batch_size x N floats).
+
+    Returns:
+        float64 numpy (N,) in [0, 1] (all 0 when N < 2). Deterministic for the same inputs on the
+        same device (``topk`` of a fixed matrix; ties among equal similarities go to one of them).
+    """
+    import torch
+
+    features = _unit_rows(features)
+    labels = torch.as_tensor(labels, device=features.device).long()
+    n = len(features)
+    if len(labels) != n:
+        raise ValueError(f"{n} feature rows but {len(labels)} labels")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros(n, dtype=np.float64)
+    scores = []
+    for start in range(0, n, batch_size):
+        rows = torch.arange(start, min(start + batch_size, n), device=features.device)
+        sim = features[rows] @ features.T
+        sim[torch.arange(len(rows), device=sim.device), rows] = float("-inf")  # not its own neighbour
+        neighbours = sim.topk(k, dim=1).indices
+        scores.append((labels[neighbours] != labels[rows, None]).double().mean(dim=1))
+    return torch.cat(scores).cpu().numpy()

@@ -72,6 +72,10 @@ class DeviceImages:
         """Nothing to fetch ahead: the images are on the device already (see ``HostImages``)."""
         return contextlib.nullcontext()
 
+    def raw_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at ``idx`` as stored, uncropped: B x C x H x W on the device."""
+        return self.images[idx]
+
     def batch(self, idx: torch.Tensor, augment: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         if self.crop is not None:
             return self.normalise(crop_batch(self.images[idx], self.crop, augment, self.resized_crop, generator))
@@ -175,32 +179,99 @@ def _nhwc_window_flip(images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, 
     return out.permute(0, 3, 1, 2)
 
 
+RESIZED_CROP_TRIES = 10  # torchvision's RandomResizedCrop.get_params draws up to 10 boxes
+
+
+def resized_crop_boxes(batch: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       device: torch.device | str, generator: torch.Generator | None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RandomResizedCrop boxes ``(top, left, box_height, box_width)``, int64 (B,) each, sampled as
+    torchvision's ``RandomResizedCrop.get_params``, for a whole batch at once.
+
+    Per sample, up to 10 tries of area ``~ U(scale) x H x W`` and aspect ratio ``exp(U(log ratio))``,
+    sides ``round(sqrt(area x ratio))`` wide and ``round(sqrt(area / ratio))`` high; the first try
+    whose box fits in the image is used, its position uniform among the positions that fit. When
+    none of the 10 fits: the centre crop of the whole image, its ratio clamped to ``ratio``.
+    All 10 tries are drawn for every sample (then the first that fits is picked), so the number of
+    random draws never depends on the data.
+
+    Draw order: ``rand(2, 10, B)`` (area, log ratio of the 10 tries), then ``rand(2, B)`` (row,
+    column position; ignored for the centre-crop fallback).
+    """
+    u = torch.rand(2, RESIZED_CROP_TRIES, batch, device=device, generator=generator).double()
+    position = torch.rand(2, batch, device=device, generator=generator).double()
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[0])
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_low + (log_high - log_low) * u[1])
+    box_w = torch.round(torch.sqrt(area * aspect))
+    box_h = torch.round(torch.sqrt(area / aspect))
+    fits = (box_w > 0) & (box_w <= width) & (box_h > 0) & (box_h <= height)  # 10 x B
+    first = fits.to(torch.int32).argmax(dim=0, keepdim=True)  # the first try that fits (0 if none)
+    found = fits.any(dim=0)
+    box_w, box_h = box_w.gather(0, first)[0].long(), box_h.gather(0, first)[0].long()
+    top = (position[0] * (height - box_h + 1)).floor().long()
+    left = (position[1] * (width - box_w + 1)).floor().long()
+    # torchvision's fallback: the whole image, cut to the nearest allowed ratio, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fallback_w, fallback_h = int(round(height * max(ratio))), height
+    else:
+        fallback_w, fallback_h = width, height
+    box_h = torch.where(found, box_h, fallback_h)
+    box_w = torch.where(found, box_w, fallback_w)
+    top = torch.where(found, top, (height - fallback_h) // 2)
+    left = torch.where(found, left, (width - fallback_w) // 2)
+    return top, left, box_h, box_w
+
+
+def resized_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, box_h: torch.Tensor,
+                 box_w: torch.Tensor, flip: torch.Tensor, crop: int) -> torch.Tensor:
+    """Each sample's box ``[top, top + box_h) x [left, left + box_w)`` resized to ``crop x crop``
+    (bilinear, half-pixel centres) and mirrored where ``flip``, as one ``grid_sample``.
+
+    The same pixels as cutting the box out and ``F.interpolate(mode="bilinear",
+    align_corners=False, antialias=False)``: sample positions are clamped to the box's own pixel
+    centres, so nothing outside the box leaks in at its edges. Returns float 0..255 (for uint8
+    input), B x C x crop x crop.
+    """
+    batch, _, height, width = images.shape
+    steps = torch.arange(crop, device=images.device, dtype=torch.float32) + 0.5  # output pixel centres
+
+    def source(start: torch.Tensor, size: torch.Tensor, extent: int) -> torch.Tensor:
+        start, size = start.float().view(-1, 1), size.float().view(-1, 1)
+        pixel = (start + steps * size / crop - 0.5).clamp(min=start, max=start + size - 1)
+        return (pixel + 0.5) * (2.0 / extent) - 1.0  # grid_sample's coordinates (align_corners=False)
+
+    gy = source(top, box_h, height)
+    gx = source(left, box_w, width)
+    gx = torch.where(flip.view(-1, 1), gx.flip(1), gx)
+    grid = torch.stack([gx.view(batch, 1, crop).expand(batch, crop, crop),
+                        gy.view(batch, crop, 1).expand(batch, crop, crop)], dim=-1)
+    return torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False)
+
+
 def random_resized_crop_flip(images: torch.Tensor, crop: int, generator: torch.Generator | None,
                              scale: tuple[float, float] = (0.08, 1.0),
                              ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """RandomResizedCrop + horizontal flip of a whole batch with one ``grid_sample`` (bilinear).
 
-    Per sample: area fraction ~ U(scale), log aspect ratio ~ U(log ratio), the box's sides capped
-    at the image's (instead of torchvision's re-draws), its position uniform inside the image.
-    Draw order: ``rand(4, B)`` (area, ratio, x, y), then ``rand(B) < 0.5`` (flip). Returns float
-    pixel values 0..255, B x C x crop x crop.
+    The boxes are torchvision's (:func:`resized_crop_boxes`: up to 10 tries, then the centre
+    crop). The one remaining difference is the resampling: bilinear without antialiasing
+    (:func:`resized_crop`). torchvision resizes tensors with ``antialias=True`` and PIL images with
+    PIL's filters; when a box is larger than ``crop`` (e.g. 256 px images to 224 crops) those
+    average over more source pixels than our 2x2 taps. When the box is at most ``crop`` (CIFAR's
+    32 px to 32, always the case there) it is an upscale, where antialiasing changes nothing.
+
+    Draw order: :func:`resized_crop_boxes`' ``rand(2, 10, B)`` and ``rand(2, B)``, then
+    ``rand(B) < 0.5`` (flip). Returns float pixel values 0..255, B x C x crop x crop.
     """
-    batch = images.shape[0]
-    device = images.device
-    u = torch.rand(4, batch, device=device, generator=generator)
-    flip = torch.rand(batch, device=device, generator=generator) < 0.5
-    area = scale[0] + (scale[1] - scale[0]) * u[0]
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
-    w = torch.sqrt(area * aspect).clamp(max=1.0)  # box sides as fractions of the image's
-    h = torch.sqrt(area / aspect).clamp(max=1.0)
-    theta = torch.zeros(batch, 2, 3, device=device)
-    theta[:, 0, 0] = torch.where(flip, -w, w)
-    theta[:, 0, 2] = (1 - w) * (2 * u[2] - 1)
-    theta[:, 1, 1] = h
-    theta[:, 1, 2] = (1 - h) * (2 * u[3] - 1)
-    grid = torch.nn.functional.affine_grid(theta, [batch, images.shape[1], crop, crop], align_corners=False)
-    return torch.nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
-                                           align_corners=False)
+    batch, _, height, width = images.shape
+    top, left, box_h, box_w = resized_crop_boxes(batch, height, width, scale, ratio, images.device, generator)
+    flip = torch.rand(batch, device=images.device, generator=generator) < 0.5
+    return resized_crop(images, top, left, box_h, box_w, flip, crop)
 
 
 def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -240,3 +311,126 @@ def _window_index(rows: torch.Tensor, offsets: torch.Tensor, flip: torch.Tensor,
     dx = torch.where(flip, 2 * pad - offsets[1], offsets[1])
     return sel, offsets[0], dx
 
+
+
+# ----------------------------------------------------------------------------------------------
+# SimCLR views (SupContrast's augmentation, batched)
+# ----------------------------------------------------------------------------------------------
+
+SIMCLR_SCALE = (0.2, 1.0)  # RandomResizedCrop area range
+SIMCLR_JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter brightness, contrast, saturation, hue
+SIMCLR_JITTER_P = 0.8
+SIMCLR_GRAYSCALE_P = 0.2
+_GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    """B x 1 x H x W luma of B x C x H x W (1 channel: itself)."""
+    if x.shape[1] != 3:
+        return x[:, :1]
+    r, g, b = x.unbind(1)
+    return (_GRAY_WEIGHTS[0] * r + _GRAY_WEIGHTS[1] * g + _GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor, top: float) -> torch.Tensor:
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * x + (1 - factor) * other).clamp(0, top)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor, top: float = 255.0) -> torch.Tensor:
+    """``clamp(factor * x)`` per sample (torchvision's adjust_brightness); pixel range 0..``top``."""
+    return _blend(x, torch.zeros_like(x), factor, top)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor, top: float = 255.0) -> torch.Tensor:
+    """Blend with the image's mean grey level (torchvision's adjust_contrast)."""
+    return _blend(x, _grayscale(x).mean(dim=(1, 2, 3), keepdim=True), factor, top)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor, top: float = 255.0) -> torch.Tensor:
+    """Blend with the image's greyscale version (torchvision's adjust_saturation); 1 channel: as is."""
+    return x if x.shape[1] != 3 else _blend(x, _grayscale(x), factor, top)
+
+
+def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by ``shift`` turns (in [-0.5, 0.5]) per sample, keeping HSV saturation and value
+    (torchvision's adjust_hue, the same RGB -> HSV -> RGB maps in closed form); 1 channel: as is."""
+    if x.shape[1] != 3:
+        return x
+    r, g, b = x.unbind(1)
+    value = x.amax(dim=1)
+    chroma = value - x.amin(dim=1)
+    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
+    # Hue in sixths of a turn, red first, then green, then blue where several channels are the max.
+    hue = torch.where(value == r, ((g - b) / safe) % 6,
+                      torch.where(value == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    hue = (hue + 6 * shift.view(-1, 1, 1)) % 6
+    out = []
+    for n in (5, 3, 1):  # R, G, B = v - chroma * clamp(min(k, 4 - k), 0, 1), k = (n + hue) mod 6
+        k = (n + hue) % 6
+        out.append(value - chroma * torch.minimum(k, 4 - k).clamp(0, 1))
+    return torch.stack(out, dim=1)
+
+
+def _where_rows(x: torch.Tensor, chosen: torch.Tensor, op, factor: torch.Tensor) -> torch.Tensor:
+    """``op(x, factor)`` on the rows where ``chosen``, the others unchanged (on a CPU in place)."""
+    if x.device.type == "cpu":  # compute only the chosen rows (an index costs no device sync here)
+        rows = chosen.nonzero().squeeze(1)
+        if len(rows):
+            x[rows] = op(x[rows], factor[rows])
+        return x
+    return torch.where(chosen.view(-1, 1, 1, 1), op(x, factor), x)  # no host sync on an accelerator
+
+
+def color_distort(x: torch.Tensor, generator: torch.Generator | None,
+                  jitter: tuple[float, float, float, float] = SIMCLR_JITTER, jitter_p: float = SIMCLR_JITTER_P,
+                  grayscale_p: float = SIMCLR_GRAYSCALE_P) -> torch.Tensor:
+    """SupContrast's colour augmentation on a float B x C x H x W batch of pixel values 0..255:
+    ``RandomApply([ColorJitter(*jitter)], p=jitter_p)`` then ``RandomGrayscale(grayscale_p)``.
+
+    ColorJitter per sample, as torchvision: brightness, contrast and saturation factors ~
+    ``U(1 - j, 1 + j)``, hue shift ~ ``U(-j_hue, j_hue)``, the four applied in a random order,
+    each result clamped to 0..255. Grayscale: every channel set to the luma (0.2989 R + 0.587 G +
+    0.114 B). One-channel images take brightness and contrast only. Computed in float on the
+    batch's device (torchvision on PIL images rounds to uint8 after each step; we do not).
+
+    Draw order: ``rand(B)`` (jitter applied where < jitter_p), ``rand(4, B)`` (brightness,
+    contrast, saturation, hue factors), ``rand(B, 4)`` (argsort: each sample's order of the four),
+    ``rand(B)`` (grayscale where < grayscale_p). Returns a new float tensor.
+    """
+    batch = x.shape[0]
+    device = x.device
+    apply = torch.rand(batch, device=device, generator=generator) < jitter_p
+    u = torch.rand(4, batch, device=device, generator=generator)
+    order = torch.rand(batch, 4, device=device, generator=generator).argsort(dim=1)
+    gray = torch.rand(batch, device=device, generator=generator) < grayscale_p
+    factors = [1 + (2 * u[i] - 1) * jitter[i] for i in range(3)] + [(2 * u[3] - 1) * jitter[3]]
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    x = x.to(torch.float32, copy=True)  # ours to change in place
+    for slot in range(4):
+        for op_index, (op, factor) in enumerate(zip(ops, factors)):
+            if jitter[op_index] > 0:
+                x = _where_rows(x, apply & (order[:, slot] == op_index), op, factor)
+    if x.shape[1] == 3:
+        x = _where_rows(x, gray, lambda rows, _: _grayscale(rows).expand_as(rows), u[0])
+    return x
+
+
+def simclr_views(images, idx: torch.Tensor, crop: int, generator: torch.Generator | None,
+                 scale: tuple[float, float] = SIMCLR_SCALE) -> torch.Tensor:
+    """Two SimCLR views of each image at ``idx``, normalised: a 2B x C x crop x crop float32 batch,
+    rows ``0..B-1`` the first view of each image, ``B..2B-1`` the second.
+
+    Each view (SupContrast's SimCLR augmentation): RandomResizedCrop(crop, scale) from the whole
+    stored image (:func:`random_resized_crop_flip`, torchvision's box sampling), horizontal flip,
+    ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 and RandomGrayscale(0.2) (:func:`color_distort`),
+    then the images' normalisation and memory format. ``images``: ``DeviceImages`` or
+    ``HostImages`` (anything with ``raw_rows(idx)``, ``scale``, ``shift``, ``channels_last``). All
+    random numbers come from ``generator``: the crop draws of the 2B views, then the colour draws
+    of the 2B views, so the same generator state gives the same views.
+    """
+    raw = images.raw_rows(idx)
+    both = torch.cat([raw, raw])
+    x = random_resized_crop_flip(both, crop, generator, scale=scale)
+    x = color_distort(x, generator)
+    return normalise(x, images.scale, images.shift, images.channels_last)

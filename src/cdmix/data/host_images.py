@@ -164,6 +164,10 @@ class HostImages:
         return rows
 
     # ----- device side
+    def raw_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The uint8 images at ``idx`` as stored, uncropped: B x C x H x W on the device."""
+        return self._device_rows(idx)
+
     def batch(self, idx: torch.Tensor, augment: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         images = self._device_rows(idx)
         if self.crop is not None:
