@@ -253,3 +253,73 @@ def test_knn_label_disagreement_ranks_flipped_labels_first():
     given[flipped] = (given[flipped] + 1) % 3
     score = S.knn_label_disagreement(features, given, k=10, batch_size=32)
     assert set(np.argsort(-score, kind="stable")[:4].tolist()) == set(flipped.tolist())
+
+
+# ------------------------------------------------------------------ the encoder
+
+
+@pytest.mark.parametrize("name,width,size", [("preact_resnet18", 8, 8), ("small_cnn", 8, 8), ("resnet18", 8, 16),
+                                              ("wrn28", 1, 8), ("resnet18_mlp", 8, 16), ("josrc_cnn", 8, 8)])
+def test_encoder_file_loads_into_a_fresh_classifier_net(tmp_path, name, width, size):
+    from cdmix.models import create_model
+    from cdmix.models.encoder import classifier_name, encoder_of, feature_dim, load_encoder, save_encoder
+
+    torch.manual_seed(0)
+    trained = create_model(name, num_classes=10, in_channels=3, width=width).eval()
+    with torch.no_grad():  # move every weight away from its initial value
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    encoder = encoder_of(trained).eval()
+    head = classifier_name(trained)
+    x = torch.randn(2, 3, size, size)
+    features = encoder(x)
+    assert features.shape == (2, feature_dim(trained))
+    torch.testing.assert_close(trained.get_submodule(head)(features), trained(x))  # the classifier's input
+    keys = set(encoder.state_dict())
+    assert keys == {k for k in trained.state_dict() if not k.startswith(head + ".")}
+    path = tmp_path / "encoder.pt"
+    save_encoder(encoder, path)
+    assert set(torch.load(path, weights_only=True)) == keys  # a plain state dict, the model's own names
+
+    target = create_model(name, num_classes=4, in_channels=3, width=width)  # another number of classes
+    fresh = {k: v.clone() for k, v in target.state_dict().items() if k.startswith(head + ".")}
+    digest = load_encoder(target, path)
+    assert len(digest) == 64
+    for key, value in target.state_dict().items():
+        if key.startswith(head + "."):
+            assert torch.equal(value, fresh[key]), key  # the classifier stays as initialised
+        else:
+            assert torch.equal(value, trained.state_dict()[key]), key
+    if name == "resnet18_mlp":  # a fresh_head model: load_pretrained already takes the encoder file
+        from cdmix.models.pretrained import load_pretrained
+
+        load_pretrained(create_model(name, num_classes=4, in_channels=3, width=width), path)
+
+
+def test_encoder_file_of_another_model_is_refused_in_one_line(tmp_path):
+    from cdmix.errors import UserError
+    from cdmix.models import create_model
+    from cdmix.models.encoder import encoder_of, load_encoder, save_encoder
+
+    save_encoder(encoder_of(create_model("small_cnn", 10, 3, width=8)), tmp_path / "enc.pt")
+    net = create_model("small_cnn", 10, 3, width=16)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(UserError, match="does not fit .*shape differs"):
+        load_encoder(net, tmp_path / "enc.pt")
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
+def test_projection_heads():
+    from cdmix.models import create_model
+    from cdmix.models.encoder import ContrastiveNet, ProjectionHead, encoder_of
+
+    mlp = ProjectionHead(16, 128)
+    assert [type(m) for m in mlp] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear]
+    assert mlp[0].weight.shape == (16, 16) and mlp[2].weight.shape == (128, 16)
+    unicon = ProjectionHead(16, 128, kind="linear_bn")
+    assert [type(m) for m in unicon] == [torch.nn.Linear, torch.nn.BatchNorm1d]
+    net = ContrastiveNet(encoder_of(create_model("small_cnn", 10, 1, width=8)), ProjectionHead(16, 32))
+    z = net(torch.randn(4, 1, 8, 8))
+    assert z.shape == (4, 32)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(4))
+    assert {k.split(".")[0] for k in net.state_dict()} == {"encoder", "head"}

@@ -1,0 +1,133 @@
+"""The feature extractor of any registered model, projection heads, and encoder files.
+
+* :func:`encoder_of` ``(net)``: a copy of a classifier net whose classifier is ``nn.Identity``, so
+  ``encoder(x)`` is the N x d feature vector the classifier would see. The classifier is the
+  model's ``fresh_head`` module where it has one (the MLP-head ResNets: the whole MLP), else its
+  last ``nn.Linear`` (``fc``, ``linear``; for ``josrc_cnn`` the MLP's last layer, so its features
+  are the MLP's 512-d hidden layer).
+* :class:`ProjectionHead`: SupContrast's ``mlp`` head (Linear d -> d, ReLU, Linear d -> 128) or
+  UNICON's (Linear d -> 128, BatchNorm1d); :class:`ContrastiveNet` = encoder + head, L2-normalised.
+* :func:`save_encoder` / :func:`load_encoder`: the encoder as a plain state dict with the model's
+  own parameter names and no classifier keys; loading it into a classifier net of the same model
+  leaves the classifier freshly initialised (C2D: ``strict=False`` with a fresh linear head).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cdmix.errors import UserError
+from cdmix.models.pretrained import _classifier_name, _read_state_dict, load_pretrained, sha256_file
+
+__all__ = ["classifier_name", "feature_dim", "encoder_of", "ProjectionHead", "ContrastiveNet", "save_encoder",
+           "load_encoder"]
+
+
+def classifier_name(net: nn.Module) -> str:
+    """Dotted name of the module :func:`encoder_of` replaces (the model's classifier)."""
+    name = getattr(net, "fresh_head", None) or _classifier_name(net)
+    if not name:
+        raise UserError(f"the {type(net).__name__} model has no nn.Linear classifier to take features before")
+    return name
+
+
+def feature_dim(net: nn.Module) -> int:
+    """d: the size of the feature vector the classifier takes."""
+    head = net.get_submodule(classifier_name(net))
+    first = head if isinstance(head, nn.Linear) else next(m for m in head.modules() if isinstance(m, nn.Linear))
+    return first.in_features
+
+
+def _replace(net: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, child, module)
+
+
+def encoder_of(net: nn.Module) -> nn.Module:
+    """A deep copy of ``net`` (same device, dtype, weights) with its classifier replaced by
+    ``nn.Identity``: ``encoder_of(net)(x)`` is N x :func:`feature_dim` ``(net)``. Its
+    ``state_dict`` keys are ``net``'s minus the classifier's."""
+    name = classifier_name(net)
+    encoder = copy.deepcopy(net)
+    _replace(encoder, name, nn.Identity())
+    return encoder
+
+
+class ProjectionHead(nn.Sequential):
+    """``kind="mlp"``: SupContrast's head, Linear(d, d) -> ReLU -> Linear(d, out) (SimCLR
+    pretraining); ``kind="linear_bn"``: UNICON's, Linear(d, out) -> BatchNorm1d(out) (its
+    in-training contrastive term). The output is not normalised (:class:`ContrastiveNet` does it)."""
+
+    def __init__(self, in_features: int, out_features: int = 128, kind: str = "mlp"):
+        if kind == "mlp":
+            layers = [nn.Linear(in_features, in_features), nn.ReLU(inplace=True), nn.Linear(in_features, out_features)]
+        elif kind == "linear_bn":
+            layers = [nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features)]
+        else:
+            raise ValueError(f"unknown projection head {kind!r}; use mlp or linear_bn")
+        super().__init__(*layers)
+
+
+class ContrastiveNet(nn.Module):
+    """``encoder`` then ``head``, L2-normalised: N x C x H x W -> N x out unit vectors
+    (SupContrast's ``SupConResNet``). State dict keys: ``encoder.<model's own names>``, ``head.*``."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.encoder(x)).float(), dim=1)
+
+
+def encoder_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """The encoder's weights as a plain ``{name: tensor}`` on the CPU (``module.`` of DDP stripped)."""
+    encoder = getattr(encoder, "module", encoder)
+    return {k.removeprefix("module."): v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
+
+
+def save_encoder(encoder: nn.Module, path: str | Path) -> str:
+    """Write the encoder's plain state dict to ``path`` (``torch.save``, atomic); return its sha256."""
+    from cdmix.atomic import atomic_write
+
+    buffer = io.BytesIO()
+    torch.save(encoder_state_dict(encoder), buffer)
+    atomic_write(Path(path), buffer.getvalue())
+    return sha256_file(path)
+
+
+def load_encoder(net: nn.Module, path: str | Path) -> str:
+    """Load an encoder file (:func:`save_encoder`) into the classifier net ``net`` of the same model,
+    in place, its classifier left as initialised; return the file's sha256.
+
+    A file that does hold the classifier's keys (a whole model, ImageNet weights) goes to
+    :func:`cdmix.models.pretrained.load_pretrained` unchanged. Otherwise every other key must match
+    ``net`` in name and shape (a mismatch raises one :class:`UserError` naming the first keys) and
+    ``net`` is untouched on error.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"encoder file {path} not found")
+    state = _read_state_dict(path)
+    head = classifier_name(net)
+    if any(k.startswith(f"{head}.") for k in state):
+        return load_pretrained(net, path)
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith(f"{head}.")}
+    missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shape_differs = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or shape_differs:
+        problems = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                    for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                       ("shape differs for", shape_differs)) if keys]
+        raise UserError(f"encoder file {path} does not fit the {type(net).__name__} model (pretrained with another "
+                        f"--model or --width?): {'; '.join(problems)}")
+    net.load_state_dict(state, strict=False)
+    return sha256_file(path)
