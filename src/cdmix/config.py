@@ -33,7 +33,7 @@ WARMUP_MAX_STEPS = 4000
 AUTO_WARMUP_METHODS = ("dividemix",)
 LAMBDA_U = 25.0  # DivideMix's unlabeled loss weight unless the noise is known to be asymmetric
 DIGITS_EPOCHS = 40  # the built-in demo: room for the auto warm-up's 200-step floor and 15+ DivideMix epochs
-GROUPS = ("data", "model", "method", "Jo-SRC & hybrid", "stabilisers", "optimisation", "system")
+GROUPS = ("data", "model", "method", "Jo-SRC & hybrid", "stabilisers", "contrastive", "optimisation", "system")
 
 
 def setting(default: Any, group: str, help: str, choices: tuple[str, ...] | None = None,
@@ -196,6 +196,27 @@ class Config:
                                "and pseudo-label weight)", ("warn", "rollback"))
     collapse_drop: float = setting(10.0, "stabilisers", "accuracy points below the best that count as a collapse",
                                    bounds="[0, inf)")
+    # --- contrastive (issue #22: SimCLR pretraining as C2D, UNICON's in-training term, kNN scores)
+    contrastive_weight: float = setting(0.0, "contrastive", "dividemix/hybrid: add this x NT-Xent on the projections "
+                                        "of two strong views of the unlabeled batch at every step (UNICON's "
+                                        "lambda_c 0.025; 0 = off, the official methods unchanged)", bounds="[0, inf)")
+    contrastive_temperature: float = setting(0.05, "contrastive", "temperature of that NT-Xent (UNICON 0.05)",
+                                             bounds="(0, inf)")
+    simclr_temperature: float = setting(0.5, "contrastive", "pretraining: NT-Xent temperature (SupContrast's SimCLR "
+                                        "run for C2D: 0.5)", bounds="(0, inf)")
+    simclr_base_temperature: float = setting(0.07, "contrastive", "pretraining: the loss is scaled by temperature / "
+                                             "this, as SupContrast's SupConLoss (0.07 there: x7.1 at T 0.5); "
+                                             "equal to the temperature for the plain NT-Xent", bounds="(0, inf)")
+    projection_dim: int = setting(128, "contrastive", "pretraining: output size of the 2-layer projection head",
+                                  bounds="[1, inf)")
+    knn_k: int = setting(200, "contrastive", "pretraining: neighbours of the weighted kNN monitor (InstDisc's 200)",
+                         bounds="[1, inf)")
+    knn_temperature: float = setting(0.1, "contrastive", "pretraining: vote weight exp(cosine / this) of the kNN "
+                                     "monitor", bounds="(0, inf)")
+    knn_every: int = setting(5, "contrastive", "pretraining: kNN monitor of the test split every this many epochs "
+                             "(and at the last; 0 = the last only)", bounds="[0, inf)")
+    knn_disagreement_k: int = setting(10, "contrastive", "kNN label disagreement score: neighbours per sample "
+                                      "(SimiFeat's 10)", bounds="[1, inf)")
     # --- optimisation
     epochs: int | None = setting(None, "optimisation", "number of epochs (default: per dataset)", bounds="[1, inf)")
     batch_size: int = setting(64, "optimisation", "batch size per process (DivideMix warm-up uses twice this)",
