@@ -3,6 +3,7 @@ kNN monitor and kNN label disagreement, the encoder, the SimCLR method, UNICON's
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import tempfile
@@ -323,3 +324,81 @@ def test_projection_heads():
     assert z.shape == (4, 32)
     torch.testing.assert_close(z.norm(dim=1), torch.ones(4))
     assert {k.split(".")[0] for k in net.state_dict()} == {"encoder", "head"}
+
+
+# ------------------------------------------------------------------ SimCLR pretraining
+
+
+def _epoch(e: int):
+    from cdmix.methods.base import EpochContext
+
+    return EpochContext(e, torch.Generator().manual_seed(e), np.random.default_rng(e), False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from cdmix.data.sources import load_source
+
+    raw = load_source("digits", "unused")
+    return raw
+
+
+def _simclr(digits, n=512, **kw):
+    from cdmix.config import Config, resolve
+    from cdmix.methods.base import TrainSet
+    from cdmix.methods.simclr import SimCLR
+
+    keep = np.arange(n)
+    train = TrainSet(DeviceImages(digits.train_images[keep], digits.mean, digits.std, "cpu"),
+                     torch.as_tensor(digits.train_labels[keep]), None, keep, 10)
+    values = {"width": 16, "batch_size": 128, "lr": 0.02, "weight_decay": 1e-4, "epochs": 10, "progress": False,
+              "method": "standard", "eval_batch_size": 512, **kw}
+    config = resolve(Config(**values), 10, 8)
+    torch.manual_seed(0)
+    return SimCLR(config, train)
+
+
+def test_simclr_pretraining_lowers_its_loss_and_its_knn_monitor_is_far_above_chance(digits):
+    method = _simclr(digits)
+    test_images = DeviceImages(digits.test_images, digits.mean, digits.std, "cpu")
+    test_labels = torch.as_tensor(digits.test_labels)
+    rows = [method.train_epoch(_epoch(e)) for e in range(10)]
+    first, last = rows[0]["nt_xent"], np.mean([r["nt_xent"] for r in rows[-3:]])
+    assert last < first - 0.2, [r["nt_xent"] for r in rows]
+    assert rows[0]["loss_scaled"] == pytest.approx(first * 0.5 / 0.07)
+    accuracy = method.knn_monitor(test_images, test_labels)
+    assert accuracy > 50.0  # chance is 10%; a collapsed representation lands near it
+    features = method.features(test_images)
+    assert features.shape == (len(test_labels), method.feature_dim) and features.dtype == torch.float32
+    # The engine hooks: the monitor row only when due (every knn_every = 5 epochs and the last).
+    assert method.monitor_due() and not method.monitor_due(7) and method.monitor_due(5)
+    # The encoder: the model's own names, no classifier, no head.
+    keys = set(method.encoder_state_dict())
+    assert keys and not any(k.startswith(("fc.", "head.", "encoder.")) for k in keys)
+
+
+def test_simclr_is_seeded_and_its_state_round_trips(digits):
+    a, b = _simclr(digits, n=256, epochs=2), _simclr(digits, n=256, epochs=2)
+    assert a.train_epoch(_epoch(0)) == b.train_epoch(_epoch(0))
+    state = copy.deepcopy(a.state_dict())  # as read back from a checkpoint: no tensor shared with a
+    c = _simclr(digits, n=256, epochs=2)
+    c.load_state_dict(state)
+    assert c.epochs_done == 1
+    assert a.train_epoch(_epoch(1)) == c.train_epoch(_epoch(1))
+    for x, y in zip(a.nets[0].state_dict().values(), c.nets[0].state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_knn_label_disagreement_of_the_encoder_ranks_flipped_digits(digits):
+    from cdmix.selection import selection_metrics
+
+    method = _simclr(digits, n=512, epochs=1)
+    rng = np.random.default_rng(0)
+    flipped = rng.random(512) < 0.2
+    labels = method.train.labels.clone()
+    labels[torch.as_tensor(flipped)] = (labels[torch.as_tensor(flipped)] + 1) % 10
+    method.train.labels = labels
+    score = method.label_disagreement()
+    assert score.shape == (512,) and score.min() >= 0 and score.max() <= 1
+    auc = selection_metrics(score < 0.5, 1 - score, ~flipped)["auc"]
+    assert auc > 0.8
