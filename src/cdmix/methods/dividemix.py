@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from cdmix import distributed
 from cdmix import losses as L
 from cdmix.methods.base import EpochContext, Method, autocast, prefetching, shuffled_batches
+from cdmix.methods.unicon import ContrastiveTerm, with_contrastive
 from cdmix.selection import (fit_gmm_clean_prob, gmm_separation, loss_history_average, minmax_normalise,
                              warmup_decision)
 
@@ -40,13 +41,22 @@ class DivideMix(Method):
         self.warmup_reason = "fixed" if self.warmup_end is not None else ""
         self.separations: list[float] = []  # --warmup auto: separation after each warm-up epoch
         self.measured_losses: list[torch.Tensor] | None = None  # that pass's losses, reused by the division
+        # UNICON's contrastive term only with --contrastive-weight > 0: default runs stay as they were.
+        self.contrastive = ContrastiveTerm(self) if config.contrastive_weight > 0 else None
+        if self.contrastive is not None:
+            self.part_names = (*self.part_names, "lcontrast")
 
     # ----- state
     def extra_state(self) -> dict:
-        return {"loss_history": self.loss_history, "warmup_end": self.warmup_end,
-                "warmup_reason": self.warmup_reason, "separations": self.separations}
+        state = {"loss_history": self.loss_history, "warmup_end": self.warmup_end,
+                 "warmup_reason": self.warmup_reason, "separations": self.separations}
+        if self.contrastive is not None:
+            state["contrastive_heads"] = self.contrastive.state_dict()
+        return state
 
     def load_extra_state(self, state: dict) -> None:
+        if self.contrastive is not None:
+            self.contrastive.load_state_dict(state["contrastive_heads"])
         self.loss_history = state["loss_history"]
         if "warmup_end" in state:
             self.warmup_end, self.warmup_reason = state["warmup_end"], state["warmup_reason"]
@@ -324,5 +334,13 @@ class DivideMix(Method):
             # still come from all 4B views), so there is no Lu and the prior penalty covers those rows alone.
             mixed_inputs, mixed_targets = mixed_inputs[:2 * len(idx_x)], mixed_targets[:2 * len(idx_x)]
         with autocast(self.config):
-            logits = net(mixed_inputs)
-        return L.dividemix_loss(logits.float(), mixed_targets, 2 * len(idx_x), lambda_u_eff)
+            logits, term = self.forward_with_term(a, net, mixed_inputs, idx_u, ctx)
+        parts = L.dividemix_loss(logits.float(), mixed_targets, 2 * len(idx_x), lambda_u_eff)
+        return with_contrastive(parts, term, self.config.contrastive_weight)
+
+    def forward_with_term(self, a: int, net, inputs: torch.Tensor, idx_u: torch.Tensor, ctx: EpochContext):
+        """``(net(inputs), UNICON's contrastive term of the unlabeled batch idx_u)``; the term is
+        None when --contrastive-weight is 0 (then this is just ``net(inputs)``)."""
+        if self.contrastive is None:
+            return net(inputs), None
+        return self.contrastive.forward(a, net, inputs, idx_u, ctx.aug_generator)
