@@ -55,6 +55,7 @@ from cdmix.data.strong_aug import strong_augment
 from cdmix.methods.averaging import SWA, ema_decay, make_teacher, teacher_logits
 from cdmix.methods.base import EpochContext, autocast
 from cdmix.methods.dividemix import DivideMix
+from cdmix.methods.unicon import with_contrastive
 from cdmix.selection import (blend_clean_prob, fit_gmm_clean_prob, gmm_posterior_from_params, minmax_normalise,
                              per_class_threshold_mask, running_mean_update)
 
@@ -243,9 +244,10 @@ class Hybrid(DivideMix):
         with autocast(c):
             if consistency and self.dist.enabled:
                 # DDP allows one forward per backward: the mixed batch and the two views at once.
-                logits, views_out = net(torch.cat([mixed_inputs, torch.cat(views)])).split(len(mixed_inputs))
+                both, term = self.forward_with_term(a, net, torch.cat([mixed_inputs, torch.cat(views)]), idx_u, ctx)
+                logits, views_out = both.split(len(mixed_inputs))
             else:
-                logits = net(mixed_inputs)
+                logits, term = self.forward_with_term(a, net, mixed_inputs, idx_u, ctx)
                 views_out = net(torch.cat(views)) if consistency else None
         logits = logits.float()
         total, lx, lu, penalty = L.dividemix_loss(logits, mixed_targets, 2 * len(idx_x), lambda_u_eff)
@@ -261,7 +263,7 @@ class Hybrid(DivideMix):
             total = total + c.lambda_cons * lcons
         else:
             lcons = torch.zeros((), device=logits.device)
-        return total, lx, lu, penalty, lcons
+        return with_contrastive((total, lx, lu, penalty, lcons), term, c.contrastive_weight)
 
     # ----- state
     def extra_state(self) -> dict:
