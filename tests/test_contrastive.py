@@ -402,3 +402,81 @@ def test_knn_label_disagreement_of_the_encoder_ranks_flipped_digits(digits):
     assert score.shape == (512,) and score.min() >= 0 and score.max() <= 1
     auc = selection_metrics(score < 0.5, 1 - score, ~flipped)["auc"]
     assert auc > 0.8
+
+
+# ------------------------------------------------------------------ UNICON's in-training term
+
+
+@pytest.fixture(scope="module")
+def noisy_digits(digits):
+    from cdmix.data.noise import make_noisy_labels
+    from cdmix.methods.base import TrainSet
+
+    keep = np.arange(300)
+    true = digits.train_labels[keep]
+    noisy = make_noisy_labels(true, 10, "sym", 0.4, seed=0)
+    images = DeviceImages(digits.train_images[keep], digits.mean, digits.std, "cpu")
+    return TrainSet(images, torch.as_tensor(noisy), torch.as_tensor(true), keep, 10)
+
+
+def _method(train, method="dividemix", **kw):
+    from cdmix.config import Config, resolve
+    from cdmix.methods.dividemix import DivideMix
+    from cdmix.methods.hybrid import Hybrid
+
+    values = {"width": 8, "batch_size": 32, "warmup": 1, "epochs": 3, "progress": False, "method": method, **kw}
+    config = resolve(Config(**values), 10, 8)
+    torch.manual_seed(0)
+    return (Hybrid if method == "hybrid" else DivideMix)(config, train)
+
+
+def test_contrastive_weight_zero_adds_nothing(noisy_digits):
+    method = _method(noisy_digits)
+    assert method.contrastive is None and method.part_names == ("loss", "lx", "lu", "penalty")
+    assert [len(opt.param_groups) for opt in method.optimizers] == [1, 1]
+    rows = [method.train_epoch(_epoch(e)) for e in range(2)]
+    assert not any(k.startswith("lcontrast") for row in rows for k in row)
+    assert "contrastive_heads" not in method.state_dict()["extra"]
+
+
+@pytest.mark.parametrize("name", ["dividemix", "hybrid"])
+def test_contrastive_weight_trains_a_projection_head_and_logs_the_term(noisy_digits, name):
+    method = _method(noisy_digits, name, contrastive_weight=0.025)
+    assert [len(opt.param_groups) for opt in method.optimizers] == [2, 2]  # each net's optimizer trains its head
+    heads_before = [copy.deepcopy(h.state_dict()) for h in method.contrastive.heads]
+    teachers = getattr(method, "teachers", [])
+    assert all(not m._forward_pre_hooks for t in teachers for m in t.modules())
+    method.train_epoch(_epoch(0))  # warm-up: CE only
+    row = method.train_epoch(_epoch(1))
+    for net in ("net1", "net2"):
+        assert np.isfinite(row[f"lcontrast_{net}"]) and row[f"lcontrast_{net}"] > 0.1
+    # The heads were trained; no hook is left on the nets (their copies stay plain).
+    for head, before in zip(method.contrastive.heads, heads_before):
+        assert not torch.equal(head[0].weight, before["0.weight"])
+    assert all(not m._forward_pre_hooks for net in method.nets for m in net.modules())
+    # The heads are part of the checkpoint and come back.
+    state = copy.deepcopy(method.state_dict())
+    other = _method(noisy_digits, name, contrastive_weight=0.025)
+    other.load_state_dict(state)
+    for a, b in zip(method.contrastive.heads, other.contrastive.heads):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_contrastive_term_is_the_nt_xent_of_the_projected_features(noisy_digits):
+    method = _method(noisy_digits, contrastive_weight=0.025)
+    net, term = method.nets[0], method.contrastive
+    idx_u = torch.arange(8)
+    inputs = noisy_digits.images.batch(torch.arange(8, 16), augment=False)
+    torch.manual_seed(1)
+    state = copy.deepcopy(net.state_dict())
+    out, value = term.forward(0, net, inputs, idx_u, torch.Generator().manual_seed(3))
+    # By hand: the same views, the features before the classifier, UNICON's head, NT-Xent at T 0.05.
+    net.load_state_dict(state)  # undo the BN running-stat updates of those forwards
+    from cdmix.models.encoder import encoder_of
+
+    encoder = encoder_of(net)
+    views = B.simclr_views(noisy_digits.images, idx_u, 8, torch.Generator().manual_seed(3))
+    feats = torch.cat([encoder(views[:8]), encoder(views[8:])])
+    z = F.normalize(term.heads[0](feats), dim=1)
+    torch.testing.assert_close(value, L.nt_xent(z[:8], z[8:], 0.05))
+    torch.testing.assert_close(out, net(inputs))
