@@ -404,6 +404,41 @@ def test_knn_label_disagreement_of_the_encoder_ranks_flipped_digits(digits):
     assert auc > 0.8
 
 
+def _simclr_ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from cdmix.data.sources import load_source
+    from cdmix.methods.base import EpochContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        method = _simclr(load_source("digits", "unused"), n=128, epochs=1, batch_size=32)
+        assert method.dist.world_size == 2
+        ctx = EpochContext(0, torch.Generator().manual_seed(0), np.random.default_rng(0), False,
+                           aug_generator=torch.Generator().manual_seed(100 + rank))
+        row = method.train_epoch(ctx)
+        torch.save({"row": row, "net": method.nets[0].state_dict()}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_simclr_epoch_on_two_gloo_ranks_keeps_the_ranks_identical():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_simclr_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        results = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+    assert all(np.isfinite(r["row"]["nt_xent"]) for r in results)
+    # The gather's backward (an all_reduce) and DDP's gradient buckets interleave without a hang, and
+    # the ranks, each with its own views, end the epoch with the same parameters. (That the gradients
+    # are the single-process ones: test_nt_xent_with_negatives_gathered_across_two_gloo_ranks...)
+    for key, value in results[0]["net"].items():
+        if "running" not in key and "num_batches" not in key:  # BN statistics are per rank
+            torch.testing.assert_close(value, results[1]["net"][key], msg=key)
+
+
 # ------------------------------------------------------------------ UNICON's in-training term
 
 
