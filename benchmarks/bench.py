@@ -306,7 +306,7 @@ def build_trainer(opts: BenchOptions, data: BenchData, run_dir: Path):
                   test_labels=data.test_labels, class_names=[str(i) for i in range(data.num_classes)],
                   mean=data.mean, std=data.std, train_true_labels=data.true_labels, name="bench")
     prepared = PreparedData(raw, {}, np.arange(len(data.noisy_labels)), np.zeros(0, dtype=np.int64))
-    return Trainer(config, run_dir, prepared, resume=False)
+    return Trainer.fresh(config, run_dir, prepared)
 
 # ------------------------------------------------------------------------------------------------
 # cdmix

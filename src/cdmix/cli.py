@@ -87,6 +87,9 @@ def finish(result) -> int:
 
 
 def print_end(result) -> None:
+    if getattr(result, "end_text", None) is not None:  # a method that is no classifier says its own
+        print("\n".join(result.end_text))
+        return
     s = result.summary
     if s.get("test_acc_best") is None:
         print("test accuracy: not measured (no test set)")

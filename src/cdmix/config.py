@@ -27,7 +27,8 @@ DATASETS = ("digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "folder", 
 METHODS = ("standard", "dividemix", "josrc", "hybrid")
 NOISE_MODES = ("sym", "sym-exclusive", "asym", "pairflip")
 CIFARN_LABEL_SETS = tuple(name for sets in _CIFARN_LABEL_SETS.values() for name in sets)  # every --labels name
-# ``--warmup auto`` (see ``cdmix.warmup``): floor and ceiling of the warm-up in optimiser steps per net.
+# ``--warmup auto`` (``DivideMix.measure_warmup``, ``selection.warmup_decision``): floor and ceiling of the
+# warm-up in optimiser steps per net.
 WARMUP_MIN_STEPS = 200
 WARMUP_MAX_STEPS = 4000
 AUTO_WARMUP_METHODS = ("dividemix",)
@@ -383,6 +384,14 @@ def noise_setting(config: Config) -> tuple[str, float] | None:
     return (mode, rate) if rate > 0 or config.noise_file else None
 
 
+def after_warmup_midpoint(warmup: int, epochs: int) -> int:
+    """The 0-based epoch halfway through the epochs after a warm-up of ``warmup`` epochs: where
+    DivideMix's step schedule drops the lr when ``--lr-step`` is not given, and where the hybrid's
+    second warm-up starts. The one place this rule is written (``config.resolve``,
+    ``engine.schedule`` and ``methods.hybrid`` use it)."""
+    return warmup + (epochs - warmup) // 2
+
+
 def default_model(dataset: str, image_size: int) -> str:
     return "small_cnn" if dataset == "digits" or image_size <= 16 else "preact_resnet18"
 
@@ -414,9 +423,9 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
     lr_step = config.lr_step
     if lr_step is None:
         # DivideMix: halfway through the epochs after the warm-up (with --warmup auto the engine places
-        # it once the warm-up has ended, so lr_step stays None); other methods: halfway through.
+        # it once the warm-up has ended and records it then); other methods: halfway through.
         if config.method == "dividemix" and config.schedule != "josrc":
-            lr_step = None if warmup == "auto" else warmup + (epochs - warmup) // 2
+            lr_step = None if warmup == "auto" else after_warmup_midpoint(warmup, epochs)
         else:
             lr_step = epochs // 2
     if config.schedule == "josrc" and not 0 <= lr_step < epochs:

@@ -27,7 +27,8 @@ def evaluate_run(run_dir: str | Path, which: str = "last") -> dict[str, float]:
     state = runs.load_checkpoint(run_dir / name, map_location=config.device, config=config)
     data = load_data(config)
     check_data_unchanged(run_dir, data)  # the test split scored must be the one the run was tested on
-    trainer = Trainer(config, run_dir, data, resume=False)
-    runs.restore_method(trainer.method, state, run_dir / name)
+    # The nets come from the checkpoint: the --pretrained file (which may have moved) is not read, and
+    # pretrained.json is left as the training wrote it.
+    trainer = Trainer.from_checkpoint(config, run_dir, data, name, state=state, resume=False)
     with torch.inference_mode():
         return {k: v for k, v in trainer.evaluate().items()}

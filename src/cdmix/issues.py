@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+from cdmix.ensemble import softmax_np as softmax  # row-wise softmax, float64
 from cdmix.errors import UserError
 from cdmix.atomic import atomic_write
 from cdmix.runs import LABEL_ISSUES
@@ -123,6 +124,7 @@ def score_samples(logits_per_net: Sequence[np.ndarray], labels: np.ndarray, fit_
         {"pred_probs": N x C float32, "issue_score": (N,), "clean_prob": (N,), "loss": (N,) mean
         CE over the nets} (float64 unless said).
     """
+    from cdmix.ensemble import ensemble_probs
     from cdmix.selection import fit_gmm_clean_prob, gmm_posterior_from_params
 
     labels = np.asarray(labels, dtype=np.int64)
@@ -138,7 +140,7 @@ def score_samples(logits_per_net: Sequence[np.ndarray], labels: np.ndarray, fit_
         norm = np.clip((loss - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros(n)
         _, params = fit_gmm_clean_prob(norm[fit_mask], seed=seed)
         clean.append(gmm_posterior_from_params(norm, params))
-    pred_probs = np.mean(probs, axis=0)
+    pred_probs = ensemble_probs(logits_per_net, per_net=probs)  # the one ensemble rule (cdmix.ensemble)
     return {"pred_probs": pred_probs.astype(np.float32), "issue_score": 1.0 - pred_probs[rows, labels],
             "clean_prob": np.mean(clean, axis=0), "loss": np.mean(losses, axis=0)}
 

@@ -104,6 +104,7 @@ class TrainedModel:
     @torch.inference_mode()
     def __call__(self, images: np.ndarray) -> np.ndarray:
         from cdmix.data.batches import DeviceImages
+        from cdmix.ensemble import ensemble_probs
 
         images = self.prepare(images)
         if len(images) == 0:
@@ -113,7 +114,7 @@ class TrainedModel:
         for start in range(0, len(images), self.batch_size):
             idx = torch.arange(start, min(start + self.batch_size, len(images)), device=device_images.device)
             x = device_images.batch(idx, augment=False)
-            probs = torch.stack([torch.softmax(net(x).float(), dim=1) for net in self.nets]).mean(0)
+            probs = ensemble_probs([net(x) for net in self.nets])  # the one ensemble rule
             out.append(probs.cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 

@@ -360,6 +360,21 @@ def on_this_machine(config: Any) -> Any:
     return config
 
 
+# The metrics.csv columns the engine writes itself, named once (a method adds its own columns, named in
+# its module: ``labeled_net1``, ``frac_clean``, ...). Epochs are 1-based.
+EPOCH = "epoch"
+LR = "lr"
+BETA1 = "beta1"  # Adam's beta1 (Jo-SRC's plan drops it); only with --optimizer adam
+TRAIN_LOSS = "train_loss"
+TEST_ACC = "test_acc"
+VAL_ACC = "val_acc"
+SECONDS_TEST = "seconds_test"  # wall-clock seconds of the evaluation
+SECONDS = "seconds"  # wall-clock seconds of the whole epoch
+COLLAPSE = "collapse"  # 1: the selection accuracy dropped by --collapse-drop points below the best
+ROLLBACK = "rollback"  # 1: the best checkpoint was restored (--on-collapse rollback)
+SELECTION_DROP = "selection_drop"  # 1: the selected (clean) set shrank to under half
+
+
 def _clean_value(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         value = value.item()
@@ -368,42 +383,78 @@ def _clean_value(value: Any) -> Any:
     return value
 
 
-class MetricsLog:
-    """metrics.csv (one row per epoch, columns = union of keys seen) plus TensorBoard scalars."""
+def _as_float(value: Any) -> float:
+    """A metrics cell as a float: a number, a tensor, or the text of metrics.csv ("" or junk: NaN)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, str):
+        try:
+            return float(value) if value != "" else math.nan
+        except ValueError:
+            return math.nan
+    return math.nan if value is None else float(value)
 
-    def __init__(self, run_dir: Path, start_epoch: int, tensorboard: bool = True):
-        self.path = Path(run_dir) / METRICS
-        self.rows: list[dict[str, Any]] = []
-        if start_epoch > 0:
+
+def typed_rows(cells: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Rows of metrics cells as floats, every row holding every column (NaN where a row has none)."""
+    columns = _columns(cells)
+    return [{k: _as_float(row.get(k, "")) for k in columns} for row in cells]
+
+
+def _columns(cells: list[dict[str, Any]]) -> list[str]:
+    columns: dict[str, None] = {}
+    for row in cells:
+        columns.update(dict.fromkeys(row))
+    return list(columns)
+
+
+class MetricsLog:
+    """The per-epoch metrics of a run: metrics.csv (one row per epoch, columns = union of the keys
+    seen, in the order first seen) plus TensorBoard scalars; or, without a run folder
+    (``run_dir`` None), the rows in memory only.
+
+    ``rows``: typed rows (floats, NaN where a row has no value), the same whether they were logged
+    in this process or read back from metrics.csv when a run resumes.
+    """
+
+    def __init__(self, run_dir: Path | None, start_epoch: int = 0, tensorboard: bool = True):
+        self.path = None if run_dir is None else Path(run_dir) / METRICS
+        # The cells as written: the file's own text for rows read back, so a resumed run rewrites
+        # them byte for byte.
+        self.cells: list[dict[str, Any]] = []
+        if start_epoch > 0 and self.path is not None:
             # ``epoch`` is 1-based: rows 1..start_epoch are the completed epochs
             rows = _metrics_rows(self.path) if self.path.is_file() else []
-            self.rows = [row for row in rows if int(row["epoch"]) <= start_epoch]
-            if len(self.rows) < start_epoch:
+            self.cells = [row for row in rows if int(row[EPOCH]) <= start_epoch]
+            if len(self.cells) < start_epoch:
                 # Without the history the summary's best epoch and accuracy would be wrong.
-                raise UserError(f"{self.path} holds {len(self.rows)} of the {start_epoch} completed epoch(s); "
+                raise UserError(f"{self.path} holds {len(self.cells)} of the {start_epoch} completed epoch(s); "
                                 f"the run's history is lost, so its best epoch cannot be known. Put back "
                                 f"{METRICS} to resume (cdmix evaluate still works on the checkpoints)")
         self.writer = None
-        if tensorboard:
+        if tensorboard and run_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch + 1)
 
+    @property
+    def rows(self) -> list[dict[str, float]]:
+        return typed_rows(self.cells)
+
     def log(self, row: dict[str, Any]) -> None:
         row = {k: _clean_value(v) for k, v in row.items()}
-        self.rows.append(row)
-        columns: list[str] = []
-        for r in self.rows:
-            columns.extend(k for k in r if k not in columns)
+        self.cells.append(row)
+        if self.path is None:
+            return
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=columns, restval="")
+        writer = csv.DictWriter(out, fieldnames=_columns(self.cells), restval="")
         writer.writeheader()
-        writer.writerows(self.rows)
+        writer.writerows(self.cells)
         atomic_write(self.path, out.getvalue())
         if self.writer is not None:
-            epoch = int(row["epoch"])
+            epoch = int(row[EPOCH])
             for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
+                if key != EPOCH and isinstance(value, (int, float)):
                     self.writer.add_scalar(key.replace("_", "/", 1), value, epoch)
             self.writer.flush()
 
@@ -443,29 +494,20 @@ def _metrics_rows(path: Path) -> list[dict[str, str]]:
             header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError(f"{path} is not a readable CSV file ({exc}); the file is damaged") from None
-    if "epoch" not in header:
+    if EPOCH not in header:
         raise UserError(f"{path} has no epoch column; the file is damaged")
     for line, row in enumerate(rows, start=2):
         try:
-            int(row["epoch"])
+            int(row[EPOCH])
         except ValueError:
-            raise UserError(f"{path} line {line}: epoch {row['epoch']!r} is not a whole number; "
+            raise UserError(f"{path} line {line}: epoch {row[EPOCH]!r} is not a whole number; "
                             "the file is damaged") from None
     return rows
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    """metrics.csv as a list of rows with numeric values (empty cells become NaN)."""
-    rows = []
-    for row in _metrics_rows(Path(run_dir) / METRICS):
-        parsed = {}
-        for key, value in row.items():
-            try:
-                parsed[key] = float(value) if value != "" else float("nan")
-            except ValueError:
-                parsed[key] = value
-        rows.append(parsed)
-    return rows
+    """metrics.csv as typed rows (``MetricsLog.rows``): floats, NaN for empty or unreadable cells."""
+    return typed_rows(_metrics_rows(Path(run_dir) / METRICS))
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from cdmix import distributed
 from cdmix import losses as L
 from cdmix.config import Config
 from cdmix.data.batches import DeviceImages
+from cdmix.ensemble import accuracy, ensemble_logits, top_k_accuracy
 from cdmix.models import create_model
 from cdmix.selection import fit_gmm_clean_prob, minmax_normalise, selection_metrics
 
@@ -24,10 +25,13 @@ log = logging.getLogger("cdmix")
 
 @dataclass
 class TrainSet:
-    """The training samples a method sees, all on the config's device.
+    """The training samples a method sees.
 
-    images: DeviceImages (N samples); labels: int64 (N,) noisy labels; true_labels: int64 (N,) or
-    None; index: int64 numpy (N,) position of each sample in the dataset's training order.
+    images: N samples, wherever the run's data placement keeps them (``DeviceImages`` on the device,
+    or host / disk held images with the same ``batch`` / ``subset`` / ``prefetch`` interface: each batch
+    reaches the device when it is read); labels: int64 (N,) noisy labels, on the config's device;
+    true_labels: int64 (N,) or None, on the device; index: int64 numpy (N,) position of each sample in
+    the dataset's training order.
     """
 
     images: DeviceImages
@@ -39,6 +43,31 @@ class TrainSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass
+class EvalSets:
+    """The held-out images a method is evaluated on after each epoch (placed like the training images).
+
+    test_images / test_labels: the test split (labels int64 (M,) on the device; M may be 0);
+    val_images / val_labels: the validation part (noisy, split off the training set) or the source's
+    clean validation set (``clean_val``), None without one; extra_tests: further test sets by name
+    (WebVision's ILSVRC2012 val), name -> (images, labels); batch_size: the evaluation batch;
+    top5: also report top-5 accuracy.
+    """
+
+    test_images: DeviceImages
+    test_labels: torch.Tensor
+    val_images: DeviceImages | None = None
+    val_labels: torch.Tensor | None = None
+    extra_tests: dict = field(default_factory=dict)
+    batch_size: int = 256
+    top5: bool = False
+    clean_val: bool = False
+
+    def selection_images(self) -> int:
+        """How many images a selection accuracy (validation, else test) is measured on."""
+        return len(self.val_labels) if self.val_labels is not None else len(self.test_labels)
 
 
 @dataclass
@@ -136,13 +165,45 @@ def maybe_compile(config: Config, net: torch.nn.Module, example: torch.Tensor) -
 class Method:
     """Base class. A method owns ``nets`` and ``optimizers`` and trains one epoch at a time.
 
-    The engine sets the learning rate, seeds the epoch, evaluates with ``predict_logits`` and saves
-    ``state_dict``; it never needs to know which method runs.
+    The engine (``cdmix.engine``) seeds each epoch, sets the learning rate (``set_lr``), calls
+    ``train_epoch``, evaluates, checkpoints ``state_dict`` and writes the run's outputs. It never
+    knows which method runs: whatever differs between methods it asks through the hooks below, each
+    of which has the image classifier's default. A method that is no classifier (SimCLR
+    pretraining: one net, encoder + projection head) overrides them:
+
+    - ``evaluation_row(sets) -> dict[str, float]``: the evaluation columns of an epoch's metrics row
+      (default: ``test_acc``, per-net, top-5, extra test sets, ``val_acc`` from ``predict_logits``).
+      SimCLR returns e.g. ``{"knn_acc": ...}`` of a kNN monitor on ``sets``.
+    - ``selection_key(sets) -> str | None``: the column of ``evaluation_row`` that picks the best
+      epoch (best.pt, ``selected_epoch``) and that the collapse guard watches (default ``val_acc``
+      with a validation set, else ``test_acc``); None: no best-epoch selection (best = latest) and no
+      collapse guard.
+    - ``selected_set_column``: the metrics column with the size of the selected (clean) set, whose
+      halving the collapse guard reports (None: nothing to watch).
+    - ``console_fields(row) -> list[str]``: the method's fields of the per-epoch console line
+      (default: the training loss and, where known, the selection's ROC-AUC).
+    - ``epoch_phase(epoch) -> str | None``: which phase a 0-based epoch belongs to, for the time-left
+      estimate (epochs of one phase cost about the same); None: not known yet.
+    - ``decided_settings() -> dict``: config fields the method decided while training (the
+      automatic warm-up's length); the engine records them in config.json and places the lr step.
+    - ``from_scratch_min_images`` (class attribute): the pre-flight check warns when the method trains
+      from scratch on fewer training images than this (0: never).
+    - ``summary_info() -> dict``: method facts for summary.json.
+    - ``write_artifacts(outputs)``: the end-of-run files; ``outputs`` is the engine's
+      ``engine.artifacts.RunOutputs`` (run folder, data, ``write_file``). Default:
+      ``outputs.write_classifier_outputs()`` (label_issues.csv, pred_probs.npy, clean_prob.npy,
+      division.npz, the exported nets, and the scores and model of the ``RunResult``). SimCLR writes
+      its encoder and kNN scores with ``outputs.write_file`` instead.
+    - ``end_of_run_text(summary) -> list[str] | None``: the lines the CLI prints when training ends;
+      None (default): the classifier's lines (test accuracy, label issues, report).
     """
 
     name = "base"
     num_nets = 1
     swa = None  # a method with stochastic weight averaging sets an ``averaging.SWA``
+    selected_set_column: str | None = None
+    from_scratch_min_images = 0
+    has_warmup = False  # whether ``config.warmup`` means anything to this method (the start line)
 
     def __init__(self, config: Config, train: TrainSet):
         self.config = config
@@ -283,9 +344,57 @@ class Method:
         row[f"sel_recall_{tag}"] = metrics["recall"]
         row[f"sel_auc_{tag}"] = metrics["auc"]
 
+    # ----- hooks the engine calls (see the class docstring); the classifier's defaults
+    def evaluation_row(self, sets: EvalSets) -> dict[str, float]:
+        """Test (and validation) accuracy of the ensemble (``cdmix.ensemble``) and of each net, in percent."""
+        bs = sets.batch_size
+        logits = self.predict_logits(sets.test_images, bs)
+        ensemble = ensemble_logits(logits)
+        row = {"test_acc": accuracy(ensemble, sets.test_labels)}
+        if len(logits) > 1:
+            for i, net_logits in enumerate(logits, start=1):
+                row[f"test_acc_net{i}"] = accuracy(net_logits, sets.test_labels)
+        if sets.top5:
+            row["test_top5"] = top_k_accuracy(ensemble, sets.test_labels)
+        for name, (images, labels) in sets.extra_tests.items():
+            ensemble = ensemble_logits(self.predict_logits(images, bs))
+            row[f"test_acc_{name}"] = accuracy(ensemble, labels)
+            if sets.top5:
+                row[f"test_top5_{name}"] = top_k_accuracy(ensemble, labels)
+        if sets.val_images is not None:
+            row["val_acc"] = accuracy(ensemble_logits(self.predict_logits(sets.val_images, bs)), sets.val_labels)
+        return row
+
+    def selection_key(self, sets: EvalSets) -> str | None:
+        """The ``evaluation_row`` column that selects the best epoch and that the collapse guard watches."""
+        return "val_acc" if sets.val_images is not None else "test_acc"
+
+    def console_fields(self, row: dict) -> list[str]:
+        """This method's fields of the per-epoch console line."""
+        parts = [f"loss {row['train_loss']:.3f}"] if "train_loss" in row else []
+        if "sel_auc_net1" in row and row["sel_auc_net1"] == row["sel_auc_net1"]:
+            parts.append(f"sel-AUC {row['sel_auc_net1']:.3f}")
+        return parts
+
+    def epoch_phase(self, epoch: int) -> str | None:
+        """The phase of a 0-based epoch for the time-left estimate: one phase by default."""
+        return "train"
+
+    def decided_settings(self) -> dict:
+        """Config fields decided while training, to be recorded in config.json; none by default."""
+        return {}
+
     def summary_info(self) -> dict:
         """Method facts for summary.json (e.g. how long the warm-up was); none by default."""
         return {}
+
+    def write_artifacts(self, outputs) -> None:
+        """The end-of-run files (``outputs``: ``cdmix.engine.artifacts.RunOutputs``)."""
+        outputs.write_classifier_outputs()
+
+    def end_of_run_text(self, summary: dict) -> list[str] | None:
+        """Lines for the end of training; None: the CLI's classifier lines."""
+        return None
 
     # ----- state
     def extra_state(self) -> dict:

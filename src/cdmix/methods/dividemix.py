@@ -24,6 +24,9 @@ from cdmix.selection import (fit_gmm_clean_prob, gmm_separation, loss_history_av
 log = logging.getLogger("cdmix")
 
 WARMUP_FLOOR_EPOCHS = 10  # --warmup auto: the step floor never asks for more epochs than this
+# DivideMix from scratch on fewer training images than this failed in our measurements (docs/RESULTS.md,
+# "A user's own folder": 270 images collapsed to chance whatever the warm-up).
+SMALL_FROM_SCRATCH = 1000
 
 
 class DivideMix(Method):
@@ -31,6 +34,9 @@ class DivideMix(Method):
     num_nets = 2
     # The per-step losses ``loss_parts`` returns, averaged over the epoch into ``<name>_net<k>``.
     part_names = ("loss", "lx", "lu", "penalty")
+    has_warmup = True  # the start of a run prints its warm-up
+    selected_set_column = "labeled_net1"  # the collapse guard reports a halving of net1's labeled set
+    from_scratch_min_images = SMALL_FROM_SCRATCH
 
     def __init__(self, config, train):
         super().__init__(config, train)
@@ -65,6 +71,25 @@ class DivideMix(Method):
     def summary_info(self) -> dict:
         """Warm-up facts for summary.json: epochs (1..N were warm-up) and how N was chosen."""
         return {"warmup_epochs": self.warmup_end, "warmup_rule": self.warmup_reason or "auto (undecided)"}
+
+    # ----- engine hooks
+    def decided_settings(self) -> dict:
+        """--warmup auto, once decided: the warm-up that ran (config.json records it, the lr step follows)."""
+        return {"warmup": self.warmup_end} if self.config.warmup == "auto" and self.warmup_end is not None else {}
+
+    def epoch_phase(self, epoch: int) -> str | None:
+        """warm-up (cheap: CE) or dividemix (divide + co-train); while an automatic warm-up is
+        undecided, the epochs measured so far were warm-up and the later ones are not known."""
+        if self.warmup_end is None:
+            return "warm-up" if epoch < len(self.separations) else None
+        return "warm-up" if epoch < self.warmup_end else self.name
+
+    def console_fields(self, row: dict) -> list[str]:
+        parts = super().console_fields(row)
+        if "labeled_net1" in row:
+            labeled = f"labeled {int(row['labeled_net1'])}/{int(row['labeled_net2'])}"
+            parts.insert(1 if "train_loss" in row else 0, labeled)
+        return parts
 
     # ----- one epoch
     def train_epoch(self, ctx: EpochContext) -> dict[str, float]:

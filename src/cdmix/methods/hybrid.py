@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from cdmix import losses as L
+from cdmix.config import after_warmup_midpoint
 from cdmix.data.strong_aug import strong_augment
 from cdmix.methods.averaging import SWA, ema_decay, make_teacher, teacher_logits
 from cdmix.methods.base import EpochContext, autocast
@@ -86,8 +87,7 @@ class Hybrid(DivideMix):
 
     # ----- schedules
     def second_warmup_start(self) -> int:
-        c = self.config
-        return c.warmup + (c.epochs - c.warmup) // 2
+        return after_warmup_midpoint(self.config.warmup, self.config.epochs)
 
     def in_second_warmup(self, epoch: int) -> bool:
         k = self.config.stab_second_warmup

@@ -52,6 +52,8 @@ def note_ignored(config, names: tuple[str, ...], method: str) -> None:
 class JoSRC(Method):
     name = "josrc"
     num_nets = 1
+    has_warmup = True  # the start of a run prints its warm-up
+    selected_set_column = "frac_clean"  # the collapse guard reports a halving of the clean fraction
 
     def __init__(self, config, train):
         super().__init__(config, train)
