@@ -208,7 +208,8 @@ class Config:
     simclr_base_temperature: float = setting(0.07, "contrastive", "pretraining: the loss is scaled by temperature / "
                                              "this, as SupContrast's SupConLoss (0.07 there: x7.1 at T 0.5); "
                                              "equal to the temperature for the plain NT-Xent", bounds="(0, inf)")
-    projection_dim: int = setting(128, "contrastive", "pretraining: output size of the 2-layer projection head",
+    projection_dim: int = setting(128, "contrastive", "output size of the projection heads (pretraining's 2-layer "
+                                  "MLP, SupContrast's 128; the contrastive term's Linear+BN, UNICON's 128)",
                                   bounds="[1, inf)")
     knn_k: int = setting(200, "contrastive", "pretraining: neighbours of the weighted kNN monitor (InstDisc's 200)",
                          bounds="[1, inf)")
