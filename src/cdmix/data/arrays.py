@@ -34,14 +34,27 @@ def _images(images: Any, what: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _has_nan(labels: np.ndarray) -> bool:
+    if np.issubdtype(labels.dtype, np.floating):
+        return bool(np.isnan(labels).any())
+    if labels.dtype == object:
+        return any(isinstance(v, float) and v != v for v in labels.tolist())
+    return False
+
+
 def _classes(labels: np.ndarray, class_names: Sequence[str] | None) -> tuple[np.ndarray, list[str]]:
     """Integer labels 0..C-1 and class names: ints are kept (names "0".."C-1" unless given), any
     other labels (e.g. strings) become the indices of their sorted distinct values, which name the classes."""
+    from cdmix.data.sources.common import numbered_class_names
+
+    if _has_nan(labels):
+        raise UserError("labels hold NaN (a missing label?); give every image a label, or leave the image out")
     if np.issubdtype(labels.dtype, np.integer):
         top = int(labels.max()) if labels.size else 0
         if labels.size and labels.min() < 0:
             raise UserError("labels must be class indices 0..C-1 (or class names), found a negative one")
-        names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(top + 1)]
+        names = ([str(c) for c in class_names] if class_names is not None
+                 else numbered_class_names(top, len(labels), "labels"))
         if top >= len(names):
             raise UserError(f"label {top} but only {len(names)} class_names")
         return labels.astype(np.int64), names

@@ -23,6 +23,7 @@ the file, the line and what to do.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -43,6 +44,7 @@ ANIMAL10N_CLASSES = ("cat", "lynx", "wolf", "coyote", "cheetah", "jaguar", "chim
 WEBVISION_TOTAL_CLASSES = 1000
 
 _WNID = re.compile(r"n\d{8}")
+log = logging.getLogger("cdmix")
 
 
 @dataclass
@@ -154,6 +156,22 @@ def _labels(path: Path, values: Sequence[str], numbers: Sequence[int], low: int,
     return labels
 
 
+def _check_keys(path: Path, keys: Sequence[str], numbers: Sequence[int], *, unique: bool = True) -> None:
+    """Refuse a key that leaves the dataset folder (absolute, ``..``, a drive or a backslash path) and,
+    with ``unique``, a key listed twice (its image would be trained on twice)."""
+    seen: dict[str, int] = {}
+    for key, number in zip(keys, numbers):
+        parts = key.split("/")
+        if key.startswith(("/", "\\")) or ".." in parts or "\\" in key or ":" in parts[0]:
+            raise UserError(f"{path} line {number}: key {key!r} points outside the dataset folder; keys are paths "
+                            f"relative to it (restore the official file)")
+        if unique:
+            if key in seen:
+                raise UserError(f"{path} line {number}: key {key} is listed again (first on line {seen[key]}); "
+                                f"list each image once")
+            seen[key] = number
+
+
 def _first_missing(base: Path, relative: Sequence[str]) -> int | None:
     """Index of the first ``base / relative[i]`` that is not a file, else None.
 
@@ -238,11 +256,18 @@ def read_clothing1m(root: str | Path, *, include_clean_train: bool = False, chec
         path = listed(name)
         rows, numbers = _split_lines(path, _read_lines(path), 2, "'<image key> <label>'")
         labels = _labels(path, [r[1] for r in rows], numbers, 0, len(CLOTHING1M_CLASSES))
-        return path, dict(zip((r[0] for r in rows), labels.tolist()))
+        _check_keys(path, [r[0] for r in rows], numbers, unique=False)
+        table: dict[str, int] = {}
+        for (key, _), label, number in zip(rows, labels.tolist(), numbers):
+            if table.setdefault(key, label) != label:
+                raise UserError(f"{path} line {number}: key {key} is given label {label}, but an earlier line gave "
+                                f"it {table[key]}; keep one label per key")
+        return path, table
 
     def keys(name: str) -> tuple[Path, list[str], list[int]]:
         path = listed(name)
         rows, numbers = _split_lines(path, _read_lines(path), 1, "one image key")
+        _check_keys(path, [r[0] for r in rows], numbers)
         return path, [r[0] for r in rows], numbers
 
     noisy_kv, noisy = key_labels("noisy_label_kv.txt")
@@ -347,6 +372,7 @@ def read_webvision(root: str | Path, imagenet_root: str | Path | None = None, nu
         path = _find_file(info, name, "WebVision")
         rows, numbers = _split_lines(path, _read_lines(path), 2, "'<image path> <class id>'")
         labels = _labels(path, [r[1] for r in rows], numbers, 0, WEBVISION_TOTAL_CLASSES, "class id")
+        _check_keys(path, [r[0] for r in rows], numbers)
         keep = np.flatnonzero(labels < num_classes)
         kept = keep.tolist()
         return path, [rows[i][0] for i in kept], labels[keep], [numbers[i] for i in kept]
@@ -470,6 +496,7 @@ def read_food101n(root: str | Path, food101_root: str | Path | None = None, *,
     _nonempty(image_list, rows)
     train_labels = class_ids(image_list, rows, numbers)
     train_ids = [f"{r[0]}/{r[1]}" for r in rows]
+    _check_keys(image_list, train_ids, numbers)
     image_base = root / "images"
 
     test_list = _find_file([food101 / "meta"], "test.txt", "Food-101")
@@ -529,7 +556,7 @@ def read_animal10n(root: str | Path) -> ImageList:
         labels = np.empty(len(files), dtype=np.int64)
         for i, file in enumerate(files):
             head = file.split("_", 1)[0]
-            if "_" not in file or not head.isdigit():
+            if "_" not in file or not (head.isascii() and head.isdigit()):  # not "٣_…", which int() reads as 3
                 raise UserError(f"{folder / file}: expected a file name '<label>_<id>.jpg'; remove files that are "
                                 f"not part of ANIMAL-10N")
             labels[i] = int(head)
@@ -537,9 +564,19 @@ def read_animal10n(root: str | Path) -> ImageList:
                 raise UserError(f"{folder / file}: label {labels[i]} is outside 0..{len(ANIMAL10N_CLASSES) - 1}; "
                                 f"remove files that are not part of ANIMAL-10N")
         splits.append(([folder / f for f in files], labels, files))
+        _warn_links(root, folder, files)
     (train_paths, train_labels, train_files), (test_paths, test_labels, _) = splits
     return ImageList(train_paths=train_paths, train_labels=train_labels, test_paths=test_paths,
                      test_labels=test_labels, class_names=list(ANIMAL10N_CLASSES), train_ids=train_files)
+
+
+def _warn_links(root: Path, folder: Path, files: Sequence[str]) -> None:
+    """Warn about images in ``folder`` that are links to files outside ``root``."""
+    real_root = root.resolve()
+    outside = [f for f in files if (folder / f).is_symlink() and not (folder / f).resolve().is_relative_to(real_root)]
+    if outside:
+        log.warning(f"{len(outside)} image(s) in {folder} are links to files outside {root} (e.g. {outside[0]} -> "
+                    f"{(folder / outside[0]).resolve()}); they are read as if they were in it")
 
 
 READERS: dict[str, Callable[..., ImageList]] = {

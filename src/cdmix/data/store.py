@@ -23,6 +23,7 @@ Training reads rows by index (:class:`StoreView`, :class:`RowReader`), never the
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import hashlib
 import io
@@ -30,6 +31,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cdmix.atomic import atomic_write
+from cdmix.atomic import TEMP_SUFFIX, atomic_write
 from cdmix.errors import UserError
 
 FORMAT = "cdmix-store"
@@ -46,6 +48,11 @@ VERSION = 1
 MANIFEST, SAMPLES, IMAGES, STATS, STATUS, SKIPPED = (
     "manifest.json", "samples.csv", "images.npy", "stats.npy", "status.npy", "skipped.txt")
 PENDING, DECODED, UNREADABLE = 0, 1, 2
+MAX_SIZE = 4096  # the largest image side a store holds (a 4096 px RGB image is 48 MiB)
+# An image file may decode to at most this many pixels, or (32 x size)^2 when that is more: a small
+# file declaring a huge image (a decompression bomb) is skipped instead of costing gigabytes per worker.
+MIN_PIXEL_CAP = 40_000_000
+_STORE_FILES = {MANIFEST, SAMPLES, IMAGES, STATS, STATUS, SKIPPED, ".lock"}
 
 log = logging.getLogger("cdmix")
 
@@ -92,8 +99,17 @@ def decode_image(path: str | Path, size: int) -> np.ndarray:
 
     with Image.open(path) as img:
         img.draft("RGB", (size, size))  # JPEG: decode at the smallest scale that is still >= size
+        cap = max_decoded_pixels(size)
+        if img.width * img.height > cap:
+            raise ValueError(f"declares {img.width} x {img.height} pixels, more than the {cap} decoded for "
+                             f"{size} px images")
         img = ImageOps.exif_transpose(img)
         return np.asarray(fit_square(to_rgb(img), size), dtype=np.uint8)
+
+
+def max_decoded_pixels(size: int) -> int:
+    """How many pixels an image file may decode to when the store holds ``size`` px images."""
+    return max(MIN_PIXEL_CAP, (32 * size) ** 2)
 
 
 def image_stats(images: np.ndarray) -> np.ndarray:
@@ -156,16 +172,42 @@ class Samples:
     def to_csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
+        # csv quotes a field holding "\n" but not one holding a lone "\r", which a reader then splits:
+        # such rows are written with every text field quoted.
+        quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
         writer.writerow(["path", "label", "split", "bytes", "mtime_ns"])
-        writer.writerows(zip(self.names, self.labels.tolist(), self.splits, self.bytes, self.mtimes))
+        for row in zip(self.names, self.labels.tolist(), self.splits, self.bytes, self.mtimes):
+            (quoted if "\r" in row[0] else writer).writerow(row)
         return out.getvalue()
 
     @classmethod
     def read_csv(cls, path: Path) -> "Samples":
-        with path.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.reader(fh))[1:]
-        return cls([r[0] for r in rows], np.asarray([int(r[1]) for r in rows], dtype=np.int64),
-                   [r[2] for r in rows], [int(r[3]) for r in rows], [int(r[4]) for r in rows])
+        """The samples listed in ``path``; a UserError names the first damaged line."""
+        try:
+            with path.open(newline="", encoding="utf-8") as fh:
+                rows = list(csv.reader(fh))
+        except (OSError, UnicodeDecodeError, csv.Error) as exc:
+            raise UserError(f"cannot read {path} ({exc}); prepare the store again") from None
+        if not rows or [c.strip() for c in rows[0]] != ["path", "label", "split", "bytes", "mtime_ns"]:
+            raise UserError(f"{path} lacks its header path,label,split,bytes,mtime_ns; prepare the store again")
+        names, labels, splits, sizes, mtimes = [], [], [], [], []
+        for number, row in enumerate(rows[1:], start=2):
+            try:
+                if len(row) != 5 or not row[0]:
+                    raise ValueError("expected 5 fields and a name")
+                label, size, mtime = int(row[1]), int(row[3]), int(row[4])
+                if label < 0 or size < 0:
+                    raise ValueError("a negative label or size")
+                if row[2] not in ("", "train", "test", "val") and not row[2].startswith("test:"):
+                    raise ValueError(f"unknown split {row[2]!r}")
+            except ValueError as exc:
+                raise UserError(f"{path} line {number} is damaged ({exc}); prepare the store again") from None
+            names.append(row[0])
+            labels.append(label)
+            splits.append(row[2])
+            sizes.append(size)
+            mtimes.append(mtime)
+        return cls(names, np.asarray(labels, dtype=np.int64), splits, sizes, mtimes)
 
 
 def describe_difference(old: Samples, new: Samples) -> str:
@@ -304,8 +346,48 @@ class Store:
         if self.manifest.get("version") != VERSION:
             raise UserError(f"{self.path} is a version {self.manifest.get('version')} store; this cdmix reads "
                             f"version {VERSION}: prepare it again into a new folder")
+        self._check_manifest()
         self.samples = Samples.read_csv(self.path / SAMPLES)
-        self.status = np.load(self.path / STATUS)
+        self.status = self._read_status()
+        self._check_samples()
+        n, size, channels = len(self.samples), self.size, self.channels
+        _check_npy(self.path / IMAGES, (n, size, size, channels), np.uint8)
+        _check_npy(self.path / STATS, (n, 2 * channels), np.float64)
+
+    def _damaged(self, what: str) -> UserError:
+        return UserError(f"the store {self.path} is damaged: {what}; prepare it again (or delete it and rerun)")
+
+    def _check_manifest(self) -> None:
+        m = self.manifest
+        ints = all(isinstance(m.get(k), int) and not isinstance(m.get(k), bool) for k in ("count", "size", "channels"))
+        names = m.get("class_names")
+        if not ints or not 1 <= m["size"] <= MAX_SIZE or m["channels"] not in (1, 3) or m["count"] < 0:
+            raise self._damaged(f"{MANIFEST} has no valid count, size (1..{MAX_SIZE}) and channels (1 or 3)")
+        if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+            raise self._damaged(f"{MANIFEST} has no list of class names")
+        if not isinstance(m.get("files_hash"), str):
+            raise self._damaged(f"{MANIFEST} has no files_hash")
+
+    def _read_status(self) -> np.ndarray:
+        try:
+            status = np.load(self.path / STATUS, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            raise self._damaged(f"{STATUS} cannot be read ({exc})") from None
+        if status.dtype != np.int8 or status.shape != (len(self.samples),) or \
+                not np.isin(status, (PENDING, DECODED, UNREADABLE)).all():
+            raise self._damaged(f"{STATUS} holds {status.dtype} {status.shape}, not one 0/1/2 flag per sample "
+                                f"({len(self.samples)})")
+        return status
+
+    def _check_samples(self) -> None:
+        samples, count = self.samples, self.manifest["count"]
+        if len(samples) != count:
+            raise self._damaged(f"{SAMPLES} lists {len(samples)} samples, the manifest {count}")
+        if len(samples) and int(samples.labels.max()) >= len(self.manifest["class_names"]):
+            raise self._damaged(f"{SAMPLES} holds label {int(samples.labels.max())}, but there are only "
+                                f"{len(self.manifest['class_names'])} classes")
+        if len(set(samples.names)) != len(samples):
+            raise self._damaged(f"{SAMPLES} lists a name twice")
 
     size = property(lambda self: int(self.manifest["size"]))
     channels = property(lambda self: int(self.manifest["channels"]))
@@ -329,11 +411,32 @@ class Store:
     def mean_std(self, rows: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std (x in [0, 1]) over the images at ``rows``, from the build's stats."""
         stats = np.load(self.path / STATS, mmap_mode="r")[np.sort(np.asarray(rows))]
+        if not np.isfinite(stats).all():
+            raise self._damaged(f"{STATS} holds non-finite values (NaN or inf), which would make every loss NaN")
         c = self.channels
         mean = stats[:, :c].mean(0)
         std = np.sqrt(np.maximum(stats[:, c:].mean(0) - mean * mean, 0.0))
         std[std == 0] = 1.0
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _check_npy(path: Path, shape: tuple[int, ...], dtype) -> None:
+    """Raise a one-line UserError unless ``path`` is a complete ``.npy`` of ``shape`` and ``dtype``."""
+    fmt = np.lib.format
+    try:
+        with open(path, "rb") as fh:
+            version = fmt.read_magic(fh)
+            found, fortran, found_dtype = (fmt.read_array_header_1_0 if version == (1, 0)
+                                           else fmt.read_array_header_2_0)(fh)
+            offset = fh.tell()
+        length = os.path.getsize(path)
+    except (OSError, ValueError, EOFError) as exc:
+        raise UserError(f"the store file {path} cannot be read ({exc}); prepare the store again") from None
+    if tuple(found) != shape or found_dtype != np.dtype(dtype) or fortran:
+        raise UserError(f"the store file {path} holds {found_dtype} {tuple(found)}, not {np.dtype(dtype)} {shape}; "
+                        f"prepare the store again")
+    if length < offset + int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise UserError(f"the store file {path} is truncated ({length} bytes); prepare the store again")
 
 
 def open_store(path: str | Path) -> Store:
@@ -358,18 +461,17 @@ def _locked(folder: Path):
         yield
 
 
-def _check_same(store: Store, samples: Samples, size: int, channels: int, source: str) -> None:
+def _check_same(store: Store, samples: Samples, size: int, channels: int, source: str, elsewhere: str) -> None:
     """Refuse a store made at another size or from other files than asked (one line: what differs)."""
     where = f"the store {store.path}"
     if store.size != size:
         raise UserError(f"{where} holds {store.size} px images, {size} px were asked; use --size {store.size} "
-                        f"or --out elsewhere for a new store")
+                        f"or {elsewhere}")
     if store.channels != channels:
-        raise UserError(f"{where} holds {store.channels}-channel images, {channels}-channel were asked; "
-                        f"use --out elsewhere for a new store")
+        raise UserError(f"{where} holds {store.channels}-channel images, {channels}-channel were asked; {elsewhere}")
     if store.manifest["files_hash"] != samples.files_hash():
         raise UserError(f"{where} was built from other files than {source} "
-                        f"({describe_difference(store.samples, samples)}); use --out elsewhere for a new store")
+                        f"({describe_difference(store.samples, samples)}); {elsewhere}")
 
 
 ChunkSource = Callable[[list[np.ndarray]], Iterable[tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, str]]]]]
@@ -377,46 +479,115 @@ ChunkSource = Callable[[list[np.ndarray]], Iterable[tuple[np.ndarray, np.ndarray
 
 def build_store(out: str | Path, samples: Samples, class_names: list[str], size: int, produce: ChunkSource, *,
                 channels: int = 3, source: str = "", chunk_size: int = 64, progress: bool = True,
-                commit_every: float = 2.0, after_commit: Callable[[int], None] | None = None) -> Store:
+                commit_every: float = 2.0, after_commit: Callable[[int], None] | None = None,
+                excluded: Sequence[tuple[str, str]] = (), cache: bool = False, verify: bool = False) -> Store:
     """Build (or finish, or reuse) the store ``out`` of ``samples`` at ``size`` px.
 
     ``produce(chunks)`` turns a list of row-index chunks into (rows, images k x S x S x C uint8,
     their ``image_stats``, failures [(row, reason)]) in any order. A complete store of the same
     files and size is reused (labels refreshed if they changed); one of other files or another
-    size raises ``UserError``.
+    size raises ``UserError``. A folder holding only the files of a store whose start was cut short
+    (no manifest yet) is started again.
     Every ``commit_every`` seconds the finished rows are synced to disk and only then marked done
     in ``status.npy``; ``after_commit(done)`` is called after each commit (tests use it to
-    simulate a kill). Returns the opened, complete store.
+    simulate a kill). ``excluded``: (name, reason) of files left out before the build (names that
+    cannot be stored), listed in ``skipped.txt``. ``cache``: ``out`` is a cache folder cdmix chose
+    (messages say to delete it, not to pass --out). ``verify``: record a digest of the pixels when
+    the build completes and check it on every reuse (a store in a cache outside the data folder).
+    Returns the opened, complete store. File-system errors (full, read-only, file too large) raise
+    a one-line ``UserError``.
     """
     out = Path(out)
+    if not 1 <= size <= MAX_SIZE:
+        raise UserError(f"image size {size} px is outside 1..{MAX_SIZE}; choose a smaller size")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; give --out a folder for the store")
+    elsewhere = f"delete {out} to rebuild it" if cache else "use --out elsewhere for a new store"
+    try:
+        return _build(out, samples, class_names, size, produce, channels, source, chunk_size, progress, commit_every,
+                      after_commit, excluded, elsewhere, verify)
+    except OSError as exc:
+        raise UserError(_write_error(out, exc)) from None
+
+
+def _write_error(out: Path, exc: OSError) -> str:
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
+        return f"the disk holding {out} is full ({why}); free some space and run again (the build resumes)"
+    if exc.errno == errno.EFBIG:
+        return (f"the file system of {out} cannot hold a file that large ({why}); put the store on another file "
+                f"system or use a smaller image size")
+    return f"cannot write the image store {out} ({why}); choose a folder you can write to"
+
+
+def _build(out: Path, samples: Samples, class_names: list[str], size: int, produce: ChunkSource, channels: int,
+           source: str, chunk_size: int, progress: bool, commit_every: float, after_commit, excluded, elsewhere: str,
+           verify: bool) -> Store:
     n = len(samples)
     with _locked(out):
         if (out / MANIFEST).is_file():
             existing = Store(out)
-            _check_same(existing, samples, size, channels, source)
+            _check_same(existing, samples, size, channels, source, elsewhere)
             if existing.complete:
+                if verify:
+                    _verify_content(existing)
                 _refresh_labels(existing, samples, class_names)
                 store = open_store(out)
                 store.reused = True
                 return store
         else:
-            if any(p.name != ".lock" for p in out.iterdir()):
-                raise UserError(f"{out} is not empty and not an image store; use --out with a new or empty folder")
+            _clear_cut_start(out, elsewhere)
             _start(out, samples, class_names, size, channels, source)
-        _fill(out, samples, size, channels, produce, chunk_size, progress, commit_every, after_commit)
+        _fill(out, samples, size, channels, produce, chunk_size, progress, commit_every, after_commit, excluded)
         store = Store(out)
         if n and not store.decoded.any():
             first = (out / SKIPPED).read_text().splitlines()[:1]
             raise UserError(f"none of the {n} images could be decoded (first: {first[0] if first else '?'})")
         manifest = {**store.manifest, "complete": True, "skipped": store.skipped_count()}
+        if verify:
+            manifest["content_sha256"] = _content_digest(out)
         atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return open_store(out)
 
 
+def _clear_cut_start(out: Path, elsewhere: str) -> None:
+    """Remove what a start cut short left (store files, no manifest); refuse a folder with anything else."""
+    leftovers = [p for p in out.iterdir() if p.name != ".lock"]
+    foreign = [p.name for p in leftovers if p.name not in _STORE_FILES and not p.name.endswith(TEMP_SUFFIX)]
+    if foreign:
+        if elsewhere.startswith("use --out"):
+            elsewhere = "use --out with a new or empty folder"
+        raise UserError(f"{out} is not empty and not an image store (it holds {foreign[0]}); {elsewhere}")
+    for p in leftovers:
+        p.unlink()
+    if leftovers:
+        log.info(f"{out}: a store whose start was cut short is started again")
+
+
+def _content_digest(out: Path) -> str:
+    """sha256 of the pixels, statistics and row status of the store ``out``."""
+    digest = hashlib.sha256()
+    for name in (IMAGES, STATS, STATUS):
+        with open(out / name, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _verify_content(store: Store) -> None:
+    expected = store.manifest.get("content_sha256")
+    if expected is None or _content_digest(store.path) != expected:
+        raise UserError(f"the cached store {store.path} does not match the digest its manifest recorded (it was "
+                        f"changed after it was built); delete {store.path} and run again to rebuild it")
+
+
 def _start(out: Path, samples: Samples, class_names: list[str], size: int, channels: int, source: str) -> None:
     n = len(samples)
+    need = n * (size * size * channels + 16 * channels) + (1 << 20)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise UserError(f"the store {out} needs {need / 2**30:.1f} GiB for {n} images of {size} px, but only "
+                        f"{free / 2**30:.1f} GiB are free there; free space, use a smaller size or another folder")
     np.lib.format.open_memmap(out / IMAGES, mode="w+", dtype=np.uint8, shape=(n, size, size, channels)).flush()
     np.lib.format.open_memmap(out / STATS, mode="w+", dtype=np.float64, shape=(n, 2 * channels)).flush()
     atomic_write(out / STATUS, lambda fh: np.save(fh, np.zeros(n, dtype=np.int8)))
@@ -426,7 +597,7 @@ def _start(out: Path, samples: Samples, class_names: list[str], size: int, chann
                 "channels": channels, "class_names": list(class_names), "files_hash": samples.files_hash(),
                 "geometry": "short side resized to size (bilinear, antialiased), center crop size x size",
                 "complete": False}
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")  # last: the store exists from here on
 
 
 def _refresh_labels(store: Store, samples: Samples, class_names: list[str]) -> None:
@@ -442,12 +613,18 @@ def _refresh_labels(store: Store, samples: Samples, class_names: list[str]) -> N
 
 
 def _fill(out: Path, samples: Samples, size: int, channels: int, produce: ChunkSource, chunk_size: int,
-          progress: bool, commit_every: float, after_commit) -> None:
+          progress: bool, commit_every: float, after_commit, excluded: Sequence[tuple[str, str]] = ()) -> None:
     """Decode every pending row, committing finished rows every ``commit_every`` seconds."""
     from tqdm import tqdm
 
     status = np.load(out / STATUS)
     skipped = _read_skipped(out)
+    left_out = "".join(f"{name}\t{why}\n" for name, why in excluded)
+
+    def write_skipped() -> None:
+        atomic_write(out / SKIPPED, left_out + "".join(f"{samples.names[r]}\t{why}\n" for r, why in sorted(skipped.items())))
+
+    write_skipped()
     pending = np.flatnonzero(status == PENDING)
     chunks = [pending[i:i + chunk_size] for i in range(0, len(pending), chunk_size)]
     row_bytes = size * size * channels
@@ -462,7 +639,7 @@ def _fill(out: Path, samples: Samples, size: int, channels: int, produce: ChunkS
         for f in (image_file, stats_file):
             f.flush()
             os.fdatasync(f.fileno())
-        atomic_write(out / SKIPPED, "".join(f"{samples.names[r]}\t{why}\n" for r, why in sorted(skipped.items())))
+        write_skipped()
         for rows, ok in finished:
             status[rows] = np.where(ok, DECODED, UNREADABLE)
         atomic_write(out / STATUS, lambda fh: np.save(fh, status))

@@ -33,7 +33,8 @@ from cdmix.data.names import CIFARN_LABEL_SETS, IMAGE_EXTENSIONS
 from cdmix.data.sources.cache import CACHE_DIR_NAME, cache_folder
 from cdmix.data.sources.cifar import CIFAR10_NAMES, CIFAR_ARCHIVES, load_cifar, read_cifar
 from cdmix.data.sources.cifar_n import CIFARN_FILES, load_cifar_n
-from cdmix.data.sources.common import DEFAULT_IMAGE_SIZE, SourceSettings, image_size, split_indices
+from cdmix.data.sources.common import (DEFAULT_IMAGE_SIZE, SourceSettings, check_class_count, image_size,
+                                      split_indices)
 from cdmix.data.sources.digits import load_digits
 from cdmix.data.sources.download import download_file, extract_tar, file_md5, verify_md5
 from cdmix.data.sources.files import is_image, load_csv, load_folder, scan_csv, scan_folder
@@ -89,6 +90,7 @@ def load_source(dataset: str | SourceSettings, data_path: str = "", **settings) 
     if loader is None:
         raise UserError(f"unknown dataset {dataset.dataset!r}; choose one of {', '.join(DATASETS)}")
     raw = loader(dataset)
+    check_class_count(raw.num_classes, f"the {dataset.dataset} data {dataset.data_path}".rstrip())
     raw.name = dataset.dataset
     return raw
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from cdmix.data.store import MAX_SIZE
 from cdmix.errors import UserError
 
 DEFAULT_IMAGE_SIZE = 32
@@ -71,6 +72,23 @@ def split_indices(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[
 def image_size(requested: int | None, default: int = DEFAULT_IMAGE_SIZE) -> int:
     """The decoded image size in pixels: ``requested``, else ``default``."""
     size = default if requested is None else int(requested)
-    if size < 1:
-        raise UserError(f"image size must be a positive number of pixels, got {requested}")
+    if not 1 <= size <= MAX_SIZE:
+        raise UserError(f"image size must be 1..{MAX_SIZE} pixels, got {requested}")
     return size
+
+
+def check_class_count(count: int, where: str) -> None:
+    """Refuse data with fewer than 2 classes: there is no label noise to find in one class."""
+    if count < 2:
+        raise UserError(f"{where} holds {count} class{'es' if count != 1 else ''}; label noise needs at least 2 "
+                        f"classes (one sub-folder or label per class)")
+
+
+def numbered_class_names(top: int, n_samples: int, where: str) -> list[str]:
+    """Class names "0" .. ``top`` for integer labels without names; refuses a largest label far above
+    the sample count (a label of 2**40 would make a name, and a net output, for every number below it)."""
+    limit = max(100 * n_samples, 100_000)
+    if top >= limit:
+        raise UserError(f"{where}: label {top} is far above the {n_samples} samples (at most {limit - 1} here); "
+                        f"labels must be class indices 0..C-1, or give class names")
+    return [str(i) for i in range(top + 1)]

@@ -13,7 +13,7 @@ from typing import IO
 import numpy as np
 
 from cdmix.data.sources.cache import cache_folder
-from cdmix.data.sources.common import SourceSettings
+from cdmix.data.sources.common import SourceSettings, numbered_class_names
 from cdmix.data.sources.stored import store_raw_data
 from cdmix.data.store import Samples, Store, array_chunks, build_store
 from cdmix.data.types import RawData, channel_stats
@@ -110,7 +110,7 @@ def _class_names(path: Path, names: np.ndarray | None, label_sets: Sequence[np.n
     """``class_names`` of the archive (each label must have one), else "0" .. the largest label."""
     top = max((int(a.max()) for a in label_sets if a is not None and a.size), default=0)
     if names is None:
-        return [str(i) for i in range(top + 1)]
+        return numbered_class_names(top, sum(len(a) for a in label_sets if a is not None), str(path))
     class_names = [str(v) for v in np.asarray(names).reshape(-1)]
     if top >= len(class_names):
         raise UserError(f"{path}: label {top} but only {len(class_names)} class_names")
@@ -160,7 +160,7 @@ def _npz_blocks(path: Path, keys: Sequence[str], block_bytes: int = 64 << 20) ->
 
 
 def npz_store(path: Path, headers: dict, out: Path, size: int | None, progress: bool, chunk_size: int = 64,
-               after_commit=None) -> Store:
+               after_commit=None, cache: bool = False, verify: bool = False) -> Store:
     """The store of an .npz's train and test images (ids ``train/i``, ``test/i``), labels from it."""
     for key in ("train_images", "test_images", "train_labels", "test_labels"):
         if key not in headers:
@@ -174,9 +174,9 @@ def npz_store(path: Path, headers: dict, out: Path, size: int | None, progress: 
     with np.load(path, allow_pickle=False) as npz:
         train_labels = _npz_labels(npz["train_labels"], "train_labels", path, shapes[0][0])
         test_labels = _npz_labels(npz["test_labels"], "test_labels", path, shapes[1][0])
-        names = [str(v) for v in npz["class_names"].reshape(-1)] if "class_names" in npz.files else None
+        names = npz["class_names"] if "class_names" in npz.files else None
     labels = np.concatenate([train_labels, test_labels])
-    class_names = names or [str(i) for i in range(int(labels.max(initial=0)) + 1)]
+    class_names = _class_names(path, names, (labels,))
     size = size or min(shapes[0][1:3])
     n_train, n_test = shapes[0][0], shapes[1][0]
     st = path.stat()
@@ -188,14 +188,15 @@ def npz_store(path: Path, headers: dict, out: Path, size: int | None, progress: 
         return array_chunks(lambda: _npz_blocks(path, ["train_images", "test_images"]), size, chunks)
 
     return build_store(out, samples, class_names, size, produce, channels=channels, source=str(path),
-                       progress=progress, chunk_size=chunk_size, after_commit=after_commit)
+                       progress=progress, chunk_size=chunk_size, after_commit=after_commit, cache=cache,
+                       verify=verify)
 
 
 def _load_large_npz(path: Path, headers: dict, cache_dir: str | None, progress: bool) -> RawData:
-    cache = cache_folder(cache_dir, path.parent)
+    folder, verify = cache_folder(cache_dir, path.parent)
     st = path.stat()
     key = hashlib.sha256(f"{path.name}|{st.st_size}|{max(st.st_mtime_ns, st.st_ctime_ns)}".encode()).hexdigest()[:20]
-    store = npz_store(path, headers, cache / f"store_npz_{key}", None, progress)
+    store = npz_store(path, headers, folder / f"store_npz_{key}", None, progress, cache=True, verify=verify)
     is_test = np.asarray([s == "test" for s in store.samples.splits])
     raw = store_raw_data(store, store.samples.labels, is_test, store.class_names, seed=0)
     if "train_true_labels" in headers:

@@ -36,7 +36,9 @@ def prepare_store(source: str | Path, out: str | Path, size: int = 256, *, worke
         return npz_store(path, npz_headers(path), Path(out), size, progress, chunk_size, after_commit)
     if kind not in ("folder", "csv"):
         raise UserError(f"cannot prepare a store from a {kind!r} source; use folder, csv or npz")
-    root, paths, labels, is_test, class_names = scan_folder(str(path)) if kind == "folder" else scan_csv(str(path))
+    left_out: list[tuple[str, str]] = []  # files whose names cannot be stored: listed in skipped.txt
+    root, paths, labels, is_test, class_names = (scan_folder(str(path), left_out) if kind == "folder"
+                                                 else scan_csv(str(path)))
     return build_store(out, image_file_samples(paths, root, labels, is_test), class_names, size,
                        file_decoder(paths, size, workers or default_workers()), source=str(path),
-                       progress=progress, chunk_size=chunk_size, after_commit=after_commit)
+                       progress=progress, chunk_size=chunk_size, after_commit=after_commit, excluded=left_out)

@@ -63,9 +63,10 @@ def load_realworld_source(settings: SourceSettings) -> RawData:
     splits = [split for split, part_paths, _ in parts for _ in part_paths]
     names = [p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p) for p in paths]
     samples = file_samples(paths, names, labels, splits)
-    out = cache_folder(settings.cache_dir, root) / f"store_{dataset}_{size}px_{samples.files_hash()[:20]}"
-    store = build_store(out, samples, images.class_names, size, file_decoder(paths, size, default_workers()),
-                        source=str(root), progress=settings.progress)
+    folder, verify = cache_folder(settings.cache_dir, root)
+    store = build_store(folder / f"store_{dataset}_{size}px_{samples.files_hash()[:20]}", samples, images.class_names,
+                        size, file_decoder(paths, size, default_workers()), source=str(root),
+                        progress=settings.progress, cache=True, verify=verify)
     # Train rows come first in the store, so a train row is its position in the reader's train_ids.
     return raw_from_store(store, labels, np.asarray(splits), images.class_names,
                           mean_std=(CLOTHING1M_MEAN, CLOTHING1M_STD) if dataset == "clothing1m" else None,
