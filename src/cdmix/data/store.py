@@ -33,7 +33,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from cdmix.atomic import TEMP_SUFFIX, atomic_write
+from cdmix.data.decode import (MIN_PIXEL_CAP, array_chunks, decode_image, fit_square,  # noqa: F401  (re-exported)
+                               image_stats, max_decoded_pixels, to_rgb)
+from cdmix.data.store_rows import RowReader, StoreView  # noqa: F401  (re-exported)
 from cdmix.errors import UserError
 
 FORMAT = "cdmix-store"
@@ -49,73 +52,9 @@ MANIFEST, SAMPLES, IMAGES, STATS, STATUS, SKIPPED = (
     "manifest.json", "samples.csv", "images.npy", "stats.npy", "status.npy", "skipped.txt")
 PENDING, DECODED, UNREADABLE = 0, 1, 2
 MAX_SIZE = 4096  # the largest image side a store holds (a 4096 px RGB image is 48 MiB)
-# An image file may decode to at most this many pixels, or (32 x size)^2 when that is more: a small
-# file declaring a huge image (a decompression bomb) is skipped instead of costing gigabytes per worker.
-MIN_PIXEL_CAP = 40_000_000
 _STORE_FILES = {MANIFEST, SAMPLES, IMAGES, STATS, STATUS, SKIPPED, ".lock"}
 
 log = logging.getLogger("cdmix")
-
-
-# ------------------------------------------------------------------------------------------ decoding
-
-
-def to_rgb(img):
-    """A PIL image as 8-bit RGB: 16/32-bit and float images scaled to 8 bits (not clipped white),
-    palette / alpha images composited on white, CMYK / YCbCr / L converted."""
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        if img.mode == "F" and values.max(initial=0) <= 1.0:
-            top = 1.0
-        img = Image.fromarray(np.rint(np.clip(values / top, 0, 1) * 255).astype(np.uint8), mode="L")
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def fit_square(img, size: int):
-    """Resize the short side to ``size`` and keep the center ``size x size`` (one resampling step:
-    the center square of the source is resized, bilinear with antialiasing)."""
-    from PIL import Image
-
-    width, height = img.size
-    if (width, height) == (size, size):
-        return img
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
-
-
-def decode_image(path: str | Path, size: int) -> np.ndarray:
-    """``size x size x 3`` uint8 RGB of the image file ``path`` (raises on an unreadable file)."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at the smallest scale that is still >= size
-        cap = max_decoded_pixels(size)
-        if img.width * img.height > cap:
-            raise ValueError(f"declares {img.width} x {img.height} pixels, more than the {cap} decoded for "
-                             f"{size} px images")
-        img = ImageOps.exif_transpose(img)
-        return np.asarray(fit_square(to_rgb(img), size), dtype=np.uint8)
-
-
-def max_decoded_pixels(size: int) -> int:
-    """How many pixels an image file may decode to when the store holds ``size`` px images."""
-    return max(MIN_PIXEL_CAP, (32 * size) ** 2)
-
-
-def image_stats(images: np.ndarray) -> np.ndarray:
-    """k x 2C float64: per image, channel means of x and x^2 with x = pixel / 255."""
-    flat = images.reshape(len(images), -1, images.shape[-1]).astype(np.float32) / 255.0
-    return np.concatenate([flat.mean(1), (flat * flat).mean(1)], axis=1).astype(np.float64)
 
 
 def _decode_chunk(task: tuple[np.ndarray, list[str], int]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
@@ -225,103 +164,6 @@ def describe_difference(old: Samples, new: Samples) -> str:
 
 
 # --------------------------------------------------------------------------------------- reading rows
-
-
-class RowReader:
-    """Reads rows of an ``.npy`` array straight from the file with positional reads (``os.preadv``).
-
-    Reads go through the page cache, not a memory map of the process, so reading a store larger
-    than memory keeps the process's resident memory at the size of the batches. Thread-safe.
-    """
-
-    def __init__(self, path: str | Path):
-        self._fd: int | None = None
-        self._pid = -1
-        array = np.load(path, mmap_mode="r")
-        self.path = str(path)
-        self.shape = array.shape
-        self.offset = int(array.offset)
-        self.row_bytes = int(np.prod(array.shape[1:]))
-        del array
-
-    def _file(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
-
-    def read_into(self, rows: np.ndarray, out: np.ndarray) -> None:
-        """``out[i] = array[rows[i]]``; ``out`` is a C-contiguous uint8 array of len(rows) rows.
-        Rows are read in file order; runs of consecutive rows with one read."""
-        fd, n = self._file(), len(rows)
-        flat = memoryview(out.reshape(n, self.row_bytes)).cast("B")
-        order = np.argsort(rows, kind="stable")
-        i = 0
-        while i < n:
-            j = i + 1
-            while j < n and rows[order[j]] == rows[order[j - 1]] + 1 and order[j] == order[j - 1] + 1:
-                j += 1
-            first, row = int(order[i]), int(rows[order[i]])
-            view = flat[first * self.row_bytes:(first + j - i) * self.row_bytes]
-            position = self.offset + row * self.row_bytes
-            while len(view):
-                got = os.preadv(fd, [view], position)
-                if got <= 0:
-                    raise UserError(f"{self.path} is truncated (row {row}); prepare the store again")
-                view, position = view[got:], position + got
-            i = j
-
-    def __getstate__(self):
-        return {**self.__dict__, "_fd": None, "_pid": -1}
-
-    def __del__(self):
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-
-
-class StoreView:
-    """Some rows of a store's images, read on demand: behaves like an ``N x S x S x C`` uint8 array
-    for ``len``, ``shape``, ``dtype``, ``nbytes`` and slicing (``view[idx]`` is again a view);
-    ``np.asarray(view)`` or ``view.take(idx)`` reads the pixels."""
-
-    ndim = 4
-    dtype = np.dtype(np.uint8)
-
-    def __init__(self, reader: RowReader, rows: np.ndarray):
-        self.reader = reader
-        self.rows = np.asarray(rows, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.rows),) + tuple(self.reader.shape[1:])
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.rows) * self.reader.row_bytes
-
-    def __getitem__(self, key) -> "StoreView | np.ndarray":
-        if isinstance(key, (int, np.integer)):
-            return self.take(np.asarray([key]))[0]
-        return StoreView(self.reader, self.rows[key])
-
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        """The images at positions ``idx`` of this view, as an array."""
-        rows = self.rows[np.asarray(idx, dtype=np.int64)]
-        out = np.empty((len(rows),) + self.shape[1:], dtype=np.uint8)
-        self.reader.read_into(rows, out)
-        return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = np.empty(self.shape, dtype=np.uint8)
-        step = max(1, (64 << 20) // max(self.reader.row_bytes, 1))
-        for start in range(0, len(self.rows), step):
-            self.reader.read_into(self.rows[start:start + step], out[start:start + step])
-        return out if dtype is None else out.astype(dtype)
-
-    def copy(self) -> np.ndarray:
-        return np.asarray(self)
 
 
 # ------------------------------------------------------------------------------------------ the store
@@ -723,27 +565,3 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def array_chunks(images_of: Callable[[], Iterator[np.ndarray]], size: int, chunks: list[np.ndarray]):
-    """``produce`` for an already decoded source (an npz): ``images_of()`` yields the source's
-    images in row order, in blocks; the pending chunks' rows are resized to ``size`` (short side,
-    center crop) when the source has another size."""
-    from PIL import Image
-
-    wanted = {int(r): k for k, rows in enumerate(chunks) for r in rows}
-    parts: dict[int, dict[int, np.ndarray]] = {k: {} for k in range(len(chunks))}
-    row = 0
-    for block in images_of():
-        for image in block:
-            k = wanted.get(row)
-            if k is not None:
-                if image.shape[:2] != (size, size):
-                    pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-                    image = np.asarray(fit_square(pil, size), dtype=np.uint8).reshape(size, size, -1)
-                parts[k][row] = image
-                if len(parts[k]) == len(chunks[k]):
-                    rows = chunks[k]
-                    images = np.stack([parts[k].pop(int(r)) for r in rows])
-                    yield rows, images, image_stats(images), []
-            row += 1
