@@ -16,6 +16,7 @@ from typing import IO, Any, Callable
 
 from cdmix.errors import UserError
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TEMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<random>.tmp" beside the target
 
 
@@ -43,6 +44,70 @@ def check_target(path: Path) -> None:
     if not path.parent.is_dir():
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise UserError(f"cannot write {path}: {path.parent} {what}")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        return folder.is_dir() and path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        return False
+
+
+def run_inputs(run_dir: str | Path) -> list[Path]:
+    """The files and folders a run was made from (its config.json's data_path, label_file, noise_file,
+    extra_data_path, pretrained), as they are named there; [] when the config cannot be read."""
+    import json
+
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    if not isinstance(config, dict):
+        return []
+    keys = ("data_path", "label_file", "noise_file", "extra_data_path", "pretrained")
+    return [Path(config[k]).expanduser() for k in keys if isinstance(config.get(k), str) and config[k]]
+
+
+def check_output(path: str | Path, flag: str, *, overwrite: bool = False, run_dir: str | Path | None = None,
+                 replaceable: str | Path | None = None, inputs: tuple[str | Path, ...] | list = ()) -> Path:
+    """Refuse an output file a command must not write; returns ``path`` as a Path.
+
+    Refused, with a ``UserError`` naming ``flag`` (``--clean-csv``, ``--html``, ``--csv``): a path that
+    ``atomic_write`` would refuse (a folder, a link, a missing folder); a run folder's own file
+    (``config.json``, ``summary.json``, ``label_issues.csv``, its checkpoints, ...; ``runs.is_own_file``),
+    except ``replaceable`` (the file this command itself writes there, e.g. the run's own review page);
+    what ``run_dir``'s run was made from (its data CSV or noise file, an image in its data folder) and
+    the command's own ``inputs``, even with ``overwrite``; and any other existing file unless
+    ``overwrite``.
+    """
+    from cdmix import runs
+
+    path = Path(path)
+    check_target(path)
+    if replaceable is not None and (path.resolve() == Path(replaceable).resolve()):
+        return path
+    runs.refuse_run_file(path, flag)
+    if runs.is_own_file(path.name) and runs.is_run_folder(path.parent):
+        raise UserError(f"{flag} {path} is a file of the run in {path.parent}; writing there would break the run, "
+                        "choose another file name")
+    sources = run_inputs(run_dir) if run_dir is not None else []
+    for source, what in [*((s, "the data the run was made from") for s in sources),
+                         *((Path(s), "an input of this command") for s in inputs)]:
+        if _same_file(path, source) or path.resolve() == source.resolve():
+            raise UserError(f"{flag} {path} is {what}; writing there would destroy it, choose another file name")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.exists() and _inside(path, source):
+            raise UserError(f"{flag} {path} is an image in the run's data folder {source}; cdmix never replaces "
+                            "the data a run was made from, choose another file name")
+    if path.exists() and not overwrite:
+        raise UserError(f"{flag} {path} exists; give --overwrite to replace it, or another file name")
+    return path
 
 
 def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], Any]) -> None:

@@ -172,24 +172,37 @@ def cmd_presets(args) -> int:
 def cmd_issues(args) -> int:
     from cdmix.issues import collapse_caution, format_table, rank_label_issues
     from cdmix.runs import read_summary
+    from cdmix.safetext import printable
 
     if args.top is not None and args.top < 1:
         raise UserError(f"--top must be at least 1, got {args.top}")
+    # Both outputs are checked before either is written: a refusal leaves nothing half done.
+    page_path = clean_path = None
     if args.html is not None:
+        from cdmix.report.review import review_page_path
+
+        page_path = review_page_path(args.run_dir, args.html or None, args.overwrite)
+    if args.clean_csv:
+        from cdmix.atomic import check_output
+
+        clean_path = check_output(args.clean_csv, "--clean-csv", overwrite=args.overwrite, run_dir=args.run_dir)
+        if page_path is not None and clean_path.resolve() == page_path.resolve():
+            raise UserError(f"--html and --clean-csv name the same file {clean_path}; give two file names")
+    if page_path is not None:
         from cdmix.report.review import write_review_page
 
-        page = write_review_page(args.run_dir, args.html or None, top=args.top or 100)
-        print(f"wrote {page}\nopen it in a browser: {page.resolve().as_uri()}")
-    if args.clean_csv:
+        page = write_review_page(args.run_dir, page_path, top=args.top or 100, overwrite=args.overwrite)
+        print(f"wrote {printable(page)}\nopen it in a browser: {printable(page.resolve().as_uri())}")
+    if clean_path is not None:
         from cdmix.issues import write_cleaned_csv
         from cdmix.report.review import run_class_names, run_data_root
 
         all_issues = rank_label_issues(args.run_dir)
-        n = write_cleaned_csv(args.clean_csv, all_issues, run_class_names(args.run_dir), args.fix,
-                              run_data_root(args.run_dir))
+        n = write_cleaned_csv(clean_path, all_issues, run_class_names(args.run_dir), args.fix,
+                              run_data_root(args.run_dir), run_dir=args.run_dir, overwrite=args.overwrite)
         flagged = int(all_issues.flagged.sum())
         what = "left out" if args.fix == "drop" else "relabelled with the predicted class"
-        print(f"wrote {args.clean_csv}: {n} labels ({flagged} flagged samples {what})")
+        print(f"wrote {printable(clean_path)}: {n} labels ({flagged} flagged samples {what})")
     if args.html is None and not args.clean_csv or args.top is not None:
         table = format_table(rank_label_issues(args.run_dir, top=args.top or 20))
         caution = collapse_caution(read_summary(args.run_dir))
@@ -199,15 +212,22 @@ def cmd_issues(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from cdmix.predict import describe, load_model, predict_files
+    from cdmix.atomic import check_output
+    from cdmix.predict import describe, image_files, load_model, predict_files
+    from cdmix.safetext import neutralise_cell, neutralise_path, printable
 
+    if args.csv:  # before any work: never a run's file, its data or one of the images, nor an existing file
+        check_output(args.csv, "--csv", overwrite=args.overwrite, run_dir=args.run_dir,
+                     inputs=image_files(args.images))
     model = load_model(args.run_dir)
     files, probs = predict_files(model, args.images)
     rows = describe(probs, model.class_names)
-    width = max(len(str(f)) for f in files)
+    names = [printable(f) for f in files]
+    classes = [printable(row["class"]) for row in rows]
+    width = max(len(n) for n in names)
     print(f"{'image':<{width}}  {'predicted':<12}  prob")
-    for path, row in zip(files, rows):
-        print(f"{str(path):<{width}}  {row['class']:<12}  {row['prob']:.3f}")
+    for name, cls, row in zip(names, classes, rows):
+        print(f"{name:<{width}}  {cls:<12}  {row['prob']:.3f}")
     if args.csv:
         import csv
         import io
@@ -216,11 +236,12 @@ def cmd_predict(args) -> int:
 
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(["path", "label", "prob", *model.class_names])
+        writer.writerow(["path", "label", "prob", *(neutralise_cell(c) for c in model.class_names)])
         for path, row, p in zip(files, rows, probs):
-            writer.writerow([str(path), row["class"], f"{row['prob']:.6f}", *(f"{v:.6f}" for v in p)])
+            writer.writerow([neutralise_path(str(path)), neutralise_cell(row["class"]), f"{row['prob']:.6f}",
+                             *(f"{v:.6f}" for v in p)])
         atomic_write(args.csv, out.getvalue())
-        print(f"wrote {args.csv}")
+        print(f"wrote {printable(args.csv)}")
     return 0
 
 
@@ -272,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fix", choices=("drop", "relabel"), default="drop",
                    help="--clean-csv: leave the flagged samples (clean_prob < 0.5) out, or give them the "
                         "predicted class (default drop)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --html / --clean-csv file (never a file of a run, nor its data)")
     p.set_defaults(func=cmd_issues)
 
     p = sub.add_parser("predict", help="classify images with a finished run's nets",
@@ -280,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--csv", help="also write path,label,prob and every class's probability to this CSV")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --csv file (never a file of a run, its data, nor an image)")
     p.set_defaults(func=cmd_predict)
 
     add_prepare_parser(sub)
@@ -424,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return args.func(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from cdmix.safetext import printable
+
+        print(f"error: {printable(exc)}", file=sys.stderr)  # names from the data: no control characters
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: the last completed epoch is saved; continue with `cdmix resume RUN_DIR`",

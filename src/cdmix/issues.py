@@ -28,12 +28,16 @@ import numpy as np
 
 from cdmix.ensemble import softmax_np as softmax  # row-wise softmax, float64
 from cdmix.errors import UserError
-from cdmix.atomic import atomic_write
+from cdmix.atomic import atomic_write, check_output
 from cdmix.runs import LABEL_ISSUES
+from cdmix.safetext import neutralise_cell, neutralise_path, printable, restore_cell
 
 COLUMNS = ("rank", "index", "id", "given_label", "given_class", "predicted_label", "predicted_class", "clean_prob",
            "issue_score", "scored", "true_label", "true_class")
 FLAG_THRESHOLD = 0.5  # the default flagged set: clean_prob below this
+# Text from the user's data: written spreadsheet-safe (a leading = + - @ gets a ' before it, as the OWASP
+# CSV-injection guidance says) and given back as it was by rank_label_issues.
+TEXT_COLUMNS = ("id", "given_class", "predicted_class", "true_class")
 
 
 @dataclass
@@ -99,14 +103,6 @@ class LabelIssueResult:
                    clean_prob=scores["clean_prob"], pred_probs=scores["pred_probs"], given_label=given,
                    predicted_label=scores["pred_probs"].argmax(1), flagged=scores["clean_prob"] < FLAG_THRESHOLD,
                    class_names=list(run.class_names), run=run)
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of N x C logits, float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def score_samples(logits_per_net: Sequence[np.ndarray], labels: np.ndarray, fit_mask: np.ndarray | None = None,
@@ -179,6 +175,9 @@ def write_label_issues(path: Path, index, given_label, predicted_label, clean_pr
         values["predicted_class"] = _names(values["predicted_label"], class_names)
         if true_label is not None:
             values["true_class"] = _names(values["true_label"], class_names)
+    for name in TEXT_COLUMNS:  # spreadsheet-safe (CSV injection); rank_label_issues restores them
+        if values.get(name) is not None:
+            values[name] = [neutralise_cell(str(v)) for v in values[name]]
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(columns)
@@ -211,7 +210,11 @@ def rank_label_issues(run_dir: str | Path, top: int | None = None) -> LabelIssue
                             "the file is damaged (it is written again when the run is resumed)") from None
 
     def optional(name, dtype=str):
-        return column(name, dtype) if rows and name in rows[0] else None
+        if not rows or name not in rows[0]:
+            return None
+        if name in TEXT_COLUMNS:
+            return np.asarray([restore_cell(row[name] or "") for row in rows], dtype=dtype)
+        return column(name, dtype)
 
     return LabelIssues(
         index=column("index", np.int64),
@@ -269,16 +272,17 @@ def collapse_caution(summary: dict, drop: float = 10.0) -> str | None:
 
 def format_table(issues: LabelIssues) -> list[str]:
     """The rows of ``cdmix issues`` as aligned text lines (header first): rank, index, id (where the
-    data names its samples), given, predicted, clean_prob, issue_score, scored, true (where known)."""
-    given, predicted, true = display_names(issues)
+    data names its samples), given, predicted, clean_prob, issue_score, scored, true (where known).
+    Control characters of names (a file named ``ESC[31m...``) are shown as escapes, never sent raw."""
+    given, predicted, true = (None if v is None else [printable(t) for t in v] for v in display_names(issues))
     columns = [("rank", [str(i + 1) for i in range(len(issues))], ">"), ("index", [str(v) for v in issues.index], ">")]
     if issues.ids is not None:
-        columns.append(("id", list(issues.ids), "<"))
+        columns.append(("id", [printable(v) for v in issues.ids], "<"))
     columns += [("given", list(given), "<"), ("predicted", list(predicted), "<"),
                 ("clean_prob", [f"{v:.4f}" for v in issues.clean_prob], ">"),
                 ("issue_score", [f"{v:.4f}" for v in issues.issue_score], ">")]
     if issues.scored is not None:
-        columns.append(("scored", list(issues.scored), "<"))
+        columns.append(("scored", [printable(v) for v in issues.scored], "<"))
     if true is not None:
         columns.append(("true", list(true), "<"))
     widths = [max([len(name)] + [len(v) for v in values]) for name, values, _ in columns]
@@ -308,25 +312,31 @@ def cleaned_labels(issues: LabelIssues, fix: str = "drop") -> list[tuple[int, st
 
 
 def write_cleaned_csv(path: str | Path, issues: LabelIssues, class_names: Sequence[str], fix: str = "drop",
-                      data_root: Path | None = None) -> int:
+                      data_root: Path | None = None, *, run_dir: str | Path | None = None,
+                      overwrite: bool = False) -> int:
     """Write the cleaned labels (``cleaned_labels``) as a CSV: ``path,label`` (class names) for data
     whose samples are files (``data_root`` / id, written relative to the CSV's folder, so the CSV is a
-    ``--dataset csv`` source), else ``index,label``. Returns the number of rows."""
+    ``--dataset csv`` source), else ``index,label``. Returns the number of rows.
+
+    Spreadsheet-safe: a path beginning with ``=``, ``+``, ``-`` or ``@`` is written ``./path`` (the
+    same file), a label or id beginning with one gets a ``'`` before it (``--dataset csv`` reads it
+    back as it was). ``path`` is checked by ``atomic.check_output`` (``run_dir``: the run it comes
+    from, whose files and data are never replaced); an existing file is replaced only with
+    ``overwrite``."""
     import os
 
-    path = Path(path)
+    path = check_output(path, "--clean-csv", overwrite=overwrite, run_dir=run_dir)
     rows = cleaned_labels(issues, fix)
     out = io.StringIO()
     writer = csv.writer(out)
     files = data_root is not None and issues.ids is not None
     writer.writerow(["path" if files else ("id" if issues.ids is not None else "index"), "label"])
     for index, sample_id, label in rows:
-        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        name = neutralise_cell(class_names[label] if 0 <= label < len(class_names) else str(label))
         if files:
             target = (Path(data_root) / sample_id).resolve()
-            where = os.path.relpath(target, path.resolve().parent)
-            writer.writerow([where, name])
+            writer.writerow([neutralise_path(os.path.relpath(target, path.resolve().parent)), name])
         else:
-            writer.writerow([sample_id if sample_id is not None else index, name])
+            writer.writerow([neutralise_cell(sample_id) if sample_id is not None else index, name])
     atomic_write(path, out.getvalue())
     return len(rows)

@@ -134,35 +134,117 @@ def _resize(image: np.ndarray, size: int) -> np.ndarray:
     return out[..., None] if out.ndim == 2 else out
 
 
-def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
-    """The final nets of a finished run, ready for inference (see ``TrainedModel``).
+MAX_IMAGE_SIZE = 4096  # model.json's image_size above this is refused (an edited file, not a trained net)
+MAX_WIDTH = 1024  # model.json's width above this is refused (no cdmix preset comes near; memory)
 
-    Reads ``model.json`` and the exported ``net*.safetensors`` / ``net*.pt`` state_dicts (written when
-    a run ends). Raises UserError for a folder without them.
+
+def _spec_error(spec_path: Path, what: str) -> UserError:
+    return UserError(f"{spec_path}: {what}; the file is damaged or was edited (it is written when a run ends: "
+                     "restore the run's original model.json)")
+
+
+def _number_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           and np.isfinite(v) for v in value)
+
+
+def read_model_spec(run_dir: str | Path) -> tuple[dict[str, Any], list[Path]]:
+    """``model.json`` of a run, checked: (the spec, the weight files it names, inside ``run_dir``).
+
+    Raises ``UserError`` (one line, naming the file and the field) for a missing or unreadable file,
+    a missing key or a value of the wrong type, ``class_names`` whose length is not ``num_classes``,
+    ``in_channels`` other than 1 or 3, ``mean`` / ``std`` that are not ``in_channels`` finite numbers
+    (``std`` > 0), ``image_size`` outside 1..``MAX_IMAGE_SIZE``, ``width`` above ``MAX_WIDTH``, and
+    ``nets`` that is empty or names a file outside the run folder, or one that is not there.
     """
-    from cdmix.models import create_model
-
     run_dir = Path(run_dir)
     spec_path = run_dir / runs.MODEL
     if not spec_path.is_file():
         raise UserError(f"{run_dir} has no {runs.MODEL}; the trained nets are exported when a run ends "
                         f"(finish it with `cdmix resume {run_dir}`)")
     try:
-        spec = json.loads(spec_path.read_text())
+        spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{spec_path} cannot be read ({type(exc).__name__}); the file is damaged") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{spec_path} is not valid JSON ({exc.msg}); the file is damaged") from None
+    if not isinstance(spec, dict):
+        raise _spec_error(spec_path, "not a JSON object")
+
+    def integer(key: str, low: int, high: int | None = None, optional: bool = False) -> None:
+        value = spec.get(key)
+        if value is None and optional and key in spec:
+            return
+        if key not in spec:
+            raise _spec_error(spec_path, f"{key} is missing")
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise _spec_error(spec_path, f"{key} must be a whole number {bound}, got {value!r}"[:300])
+
+    if not isinstance(spec.get("model"), str) or not spec["model"]:
+        raise _spec_error(spec_path, "model (the model name) is missing or not text")
+    integer("width", 1, MAX_WIDTH, optional=True)
+    integer("num_classes", 1)
+    integer("image_size", 1, MAX_IMAGE_SIZE)
+    integer("in_channels", 1, 3)
+    if spec["in_channels"] not in (1, 3):
+        raise _spec_error(spec_path, f"in_channels must be 1 or 3, got {spec['in_channels']}")
+    names = spec.get("class_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise _spec_error(spec_path, "class_names is missing or not a list of text")
+    if len(names) != spec["num_classes"]:
+        raise _spec_error(spec_path, f"{len(names)} class_names for num_classes {spec['num_classes']}")
+    for key in ("mean", "std"):
+        if not _number_list(spec.get(key)) or len(spec[key]) != spec["in_channels"]:
+            raise _spec_error(spec_path, f"{key} must be {spec['in_channels']} finite number(s), one per channel, "
+                                         f"got {spec.get(key)!r}"[:300])
+    if min(spec["std"]) <= 0:
+        raise _spec_error(spec_path, f"std must be above 0 (a division by it normalises the images), got {spec['std']}")
+    nets = spec.get("nets")
+    if not isinstance(nets, list) or not nets or not all(isinstance(n, str) and n for n in nets):
+        raise _spec_error(spec_path, "nets (the weight files) is missing, empty or not a list of file names")
+    root = run_dir.resolve()
+    files = []
+    for name in nets:
+        path = run_dir / name
+        if Path(name).is_absolute() or not path.resolve().is_relative_to(root) or path.resolve() == root:
+            raise _spec_error(spec_path, f"the net {name!r} is outside the run folder; cdmix loads weights only "
+                                         "from the run's own folder")
+        if path.suffix not in (".safetensors", ".pt") or not path.is_file():
+            raise UserError(f"{path}: the weights named in {spec_path} are missing (or not .safetensors / .pt); "
+                            "the run folder is incomplete")
+        files.append(path)
+    return spec, files
+
+
+def load_model(run_dir: str | Path, device: str = "cpu") -> TrainedModel:
+    """The final nets of a finished run, ready for inference (see ``TrainedModel``).
+
+    Reads ``model.json`` (checked by ``read_model_spec``) and the exported ``net*.safetensors`` /
+    ``net*.pt`` state_dicts (written when a run ends). Raises UserError for a folder without them, a
+    damaged or edited model.json, and weights that do not fit the model it names.
+    """
+    from cdmix.models import create_model
+
+    run_dir = Path(run_dir)
+    spec, files = read_model_spec(run_dir)
     nets = []
-    for name in spec["nets"]:
-        net = create_model(spec["model"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                           width=spec["width"])
+    for path in files:
         try:
-            net.load_state_dict(_load_state(run_dir / name))
+            net = create_model(spec["model"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+                               width=spec["width"])
+        except (MemoryError, RuntimeError) as exc:
+            raise UserError(f"{run_dir / runs.MODEL}: the {spec['model']} net it describes cannot be built "
+                            f"({type(exc).__name__}); the file is damaged or was edited") from None
+        try:
+            net.load_state_dict(_load_state(path))
         except RuntimeError as exc:
             first = str(exc).splitlines()[0]
-            raise UserError(f"{run_dir / name} does not fit a {spec['model']} net ({first})") from None
+            raise UserError(f"{path} does not fit a {spec['model']} net with {spec['num_classes']} classes "
+                            f"as {runs.MODEL} says ({first})") from None
         nets.append(net.to(device).eval())
     return TrainedModel(nets, list(spec["class_names"]), int(spec["image_size"]), int(spec["in_channels"]),
-                        tuple(spec["mean"]), tuple(spec["std"]), device)
+                        tuple(float(v) for v in spec["mean"]), tuple(float(v) for v in spec["std"]), device)
 
 
 def image_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -185,11 +267,32 @@ def predict_files(model: TrainedModel, paths: Sequence[str | Path]) -> tuple[lis
     from cdmix.data.store import decode_image
 
     files = image_files(paths)
+    return files, model(np.stack([_decode(f, model.image_size) for f in files]))
+
+
+def _decode(path: Path, size: int) -> np.ndarray:
+    """``decode_image``, with any failure (truncated or damaged file, a decompression bomb: more pixels than
+    PIL's ``MAX_IMAGE_PIXELS``) as one ``UserError`` naming the file."""
+    import warnings
+
+    from PIL import Image
+
+    from cdmix.data.store import decode_image
+    from cdmix.safetext import printable
+
     try:
-        images = np.stack([decode_image(f, model.image_size) for f in files])
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot decode an image ({exc})") from None
-    return files, model(images)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return decode_image(path, size)
+    except UserError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(printable(f"cannot decode {path}: it declares too many pixels for an image "
+                                  f"(a decompression bomb?): {exc}")) from None
+    except Exception as exc:  # PIL raises many types for a damaged file: OSError, SyntaxError, struct.error ...
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise UserError(printable(f"cannot decode {path} ({type(exc).__name__}: {text}); the file is damaged "
+                                  "or not an image")) from None
 
 
 def describe(probs: np.ndarray, class_names: Sequence[str]) -> list[dict[str, Any]]:

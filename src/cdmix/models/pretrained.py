@@ -16,7 +16,7 @@ from torch import nn
 
 from cdmix.errors import UserError
 
-__all__ = ["load_pretrained", "sha256_file"]
+__all__ = ["check_finite", "check_structure", "load_pretrained", "sha256_file"]
 
 # How many key names an error message lists per kind of problem.
 _SHOW = 3
@@ -34,6 +34,55 @@ def sha256_file(path: str | Path) -> str:
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def check_structure(path: Path) -> None:
+    """Raise ``UserError`` unless ``path`` looks like a weights file, from its first and last bytes only
+    (before it is hashed or read: a 4 GB file of zeros is refused at once): a ``.safetensors`` file must
+    start with a JSON header whose length fits the file and whose tensors end where the file ends; any
+    other file must be a zip archive (``torch.save``'s format, its end record present) or a pickle
+    (torch's legacy format)."""
+    import json
+    import struct
+    import zipfile
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if path.suffix == ".safetensors":
+            if size < 8:
+                raise UserError(f"weights file {path} is too short ({size} bytes) to be a .safetensors file")
+            (header_len,) = struct.unpack("<Q", head)
+            if not 2 <= header_len <= min(size - 8, 100 << 20):
+                raise UserError(f"weights file {path} is not a .safetensors file (its header length {header_len} "
+                                f"does not fit the file of {size} bytes); the file is damaged")
+            try:
+                header = json.loads(f.read(header_len))
+                ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                raise UserError(f"weights file {path} is not a .safetensors file (its header is not the JSON "
+                                "safetensors writes); the file is damaged") from None
+            if max(ends, default=0) != size - 8 - header_len:
+                raise UserError(f"weights file {path} is damaged: its header describes {max(ends, default=0)} bytes "
+                                f"of tensors, the file holds {size - 8 - header_len}")
+            return
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):  # reads only the end of the file
+            raise UserError(f"weights file {path} is a damaged zip archive (no end record; truncated?)")
+        return
+    if not head.startswith(b"\x80"):  # pickle protocol 2+: torch's legacy (pre-1.6) format
+        raise UserError(f"weights file {path} is neither torch.save's zip format, torch's legacy format nor "
+                        "safetensors (wrong first bytes); give a .pth/.pt state dict or a .safetensors file")
+
+
+def check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Raise ``UserError`` naming the first tensor of ``state`` that holds NaN or infinite values: such
+    weights give NaN losses from the first step on, and every resume repeats them."""
+    bad = [k for k, v in state.items() if v.is_floating_point() or v.is_complex()
+           if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"weights file {path} holds NaN or infinite values (in {_listed(bad)}); it is damaged or "
+                        "from a training that diverged: give another file")
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -112,8 +161,10 @@ def load_pretrained(net: nn.Module, path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} not found (give the path of a local .pth, .pt or .safetensors file)")
+    check_structure(path)  # cheap, before the whole file is hashed and read
     digest = sha256_file(path)
     state = _read_state_dict(path)
+    check_finite(path, state)
 
     own = net.state_dict()
     classifier = _classifier_name(net)

@@ -51,6 +51,12 @@ def _figure(width: float, height: float):
     return fig
 
 
+def _plain(text: str) -> str:
+    """Text from the user (a class or run folder name) as matplotlib shows it literally: ``$`` escaped,
+    so ``$\\frac{$`` is not parsed as mathtext (which raises on it)."""
+    return str(text).replace("$", r"\$")
+
+
 def _png_bytes(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", facecolor="white")
@@ -188,7 +194,7 @@ def plot_accuracy(run: RunData) -> Plot:
         ax.scatter(x[collapse], acc[collapse], marker="X", s=90, color="red", zorder=8, label="collapse warning")
     _integer_epochs(ax)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{run.name}: test accuracy, best {acc[best]:.2f}%, last {acc[last]:.2f}% "
+    ax.set_title(f"{_plain(run.name)}: test accuracy, best {acc[best]:.2f}%, last {acc[last]:.2f}% "
                  f"(best − last {acc[best] - acc[last]:.2f} points)")
     ax.legend(loc="lower right", fontsize=9, framealpha=0.9)
     plot.png = _png_bytes(fig)
@@ -213,7 +219,7 @@ def plot_accuracy_runs(runs_data: list[RunData]) -> Plot:
         best, last = marks
         color = f"C{i % 10}"
         ax.plot(x, acc, color=color, lw=1.8, marker="o", ms=3,
-                label=f"{run.name}: best {acc[best]:.2f}% (ep {x[best]:.0f}), last {acc[last]:.2f}%")
+                label=f"{_plain(run.name)}: best {acc[best]:.2f}% (ep {x[best]:.0f}), last {acc[last]:.2f}%")
         ax.scatter([x[best]], [acc[best]], marker="*", s=260, color=color, edgecolor="black", zorder=6)
         ax.scatter([x[last]], [acc[last]], marker="o", s=120, facecolor="none", edgecolor=color, lw=2, zorder=7)
         drawn += 1
@@ -485,7 +491,7 @@ def plot_confusion(run: RunData, top: int | None = None) -> Plot:
                     ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if matrix[i, j] > 0.5 * peak else "black")
         names = class_names if class_names and len(class_names) == n_classes else [str(c) for c in range(n_classes)]
-        names = [name if len(name) <= 12 else name[:11] + "…" for name in names]
+        names = [_plain(name if len(name) <= 12 else name[:11] + "…") for name in names]
         long_names = max(map(len, names)) > 2
         ax.set_xticks(range(n_classes), names, rotation=45 if long_names else 0,
                       ha="right" if long_names else "center", fontsize=8)

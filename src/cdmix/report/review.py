@@ -13,13 +13,17 @@ import base64
 import html
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 
 from cdmix import runs
-from cdmix.atomic import atomic_write
+from cdmix.atomic import atomic_write, check_output
 from cdmix.errors import UserError
+from cdmix.safetext import json_for_html, printable
+
+logger = logging.getLogger("cdmix")
 
 THUMB = 96  # thumbnail side in pixels (small images are enlarged without smoothing)
 
@@ -37,10 +41,13 @@ button{font-size:1em;padding:5px 12px}.note{color:#666;font-size:.85em}
 """
 
 SCRIPT = """
-const ALL = JSON.parse(document.getElementById('all').textContent);
-function download() {
-  const choice = {};
-  document.querySelectorAll('select[data-index]').forEach(s => { choice[s.dataset.index] = s.value; });
+// cleanedCsv(ALL, choice): the CSV text (header first); cells spreadsheet-safe as cdmix.safetext writes
+// them: a path beginning with = + - @ tab or CR becomes ./path, any other such cell gets a ' before it.
+const FORMULA = /^[=+\\-@\\t\\r]/, NUMBER = /^[+-]?(\\d+(\\.\\d*)?|\\.\\d+)([eE][+-]?\\d+)?$/;
+function cell(v) { return (FORMULA.test(v) || v.startsWith("'")) && !NUMBER.test(v) ? "'" + v : v; }
+function pathCell(v) { return FORMULA.test(v) ? './' + v : v; }
+function quote(v) { return /[",\\r\\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v; }
+function cleanedCsv(ALL, choice) {
   const header = ALL.files ? 'path,label' : (ALL.ids ? 'id,label' : 'index,label');
   const lines = [header];
   for (let i = 0; i < ALL.labels.length; i++) {
@@ -48,11 +55,16 @@ function download() {
     const c = choice[i];
     if (c === 'drop') continue;
     if (c === 'predicted') label = ALL.classes[ALL.predicted[i]];
-    const name = ALL.ids ? ALL.ids[i] : String(i);
-    const q = v => /[",\\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v;
-    lines.push(q(name) + ',' + q(label));
+    const name = ALL.ids ? (ALL.files ? pathCell(ALL.ids[i]) : cell(ALL.ids[i])) : String(i);
+    lines.push(quote(name) + ',' + quote(cell(label)));
   }
-  const blob = new Blob([lines.join('\\n') + '\\n'], {type: 'text/csv'});
+  return lines.join('\\n') + '\\n';
+}
+function download() {
+  const ALL = JSON.parse(document.getElementById('all').textContent);
+  const choice = {};
+  document.querySelectorAll('select[data-index]').forEach(s => { choice[s.dataset.index] = s.value; });
+  const blob = new Blob([cleanedCsv(ALL, choice)], {type: 'text/csv'});
   const a = document.createElement('a');
   a.href = URL.createObjectURL(blob); a.download = 'cleaned_labels.csv'; a.click();
 }
@@ -104,32 +116,66 @@ def _thumbnail(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _train_images(run_dir: Path, index: np.ndarray) -> np.ndarray:
-    """The run's training images at ``index`` (its data is read again, as training read it)."""
+def _train_images(run_dir: Path, index: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray | None, str]:
+    """The run's training images at ``index`` (its data read again, as training read it), or None and
+    why not: the data cannot be read, or it is not what the run was trained on (another number of
+    images, labels, test split (``cdmix.engine.check_data_unchanged``), or other names at ``index``
+    than ``ids``, the ids of label_issues.csv): a thumbnail must show the image named under it."""
+    from types import SimpleNamespace
+
     from cdmix.data.sources import load_source
+    from cdmix.engine import check_data_unchanged
 
     c = _config(run_dir)
-    raw = load_source(c["dataset"], c["data_path"], labels=c.get("labels"), label_file=c.get("label_file"),
-                      image_size=c.get("image_size"), seed=c.get("seed", 0), progress=False)
-    if len(raw.train_labels) <= int(index.max(initial=0)):
-        raise UserError(f"the data of {run_dir} has changed ({len(raw.train_labels)} training images now)")
+    try:
+        raw = load_source(c["dataset"], c["data_path"], labels=c.get("labels"), label_file=c.get("label_file"),
+                          image_size=c.get("image_size"), seed=c.get("seed", 0), progress=False)
+        if len(raw.train_labels) <= int(index.max(initial=0)):
+            raise UserError(f"the data has changed ({len(raw.train_labels)} training images now)")
+        check_data_unchanged(run_dir, SimpleNamespace(raw=raw))
+    except UserError as exc:
+        return None, str(exc)
+    saved = runs.read_labels(run_dir)
+    now = None if raw.train_ids is None else np.asarray(raw.train_ids, dtype=str)
+    before = saved.get("train_ids")
+    if (before is not None and (now is None or not np.array_equal(np.asarray(before, dtype=str), now))) or (
+            ids is not None and (now is None or not np.array_equal(now[index], np.asarray(ids, dtype=str)))):
+        return None, ("the data's file names differ from those the run was trained on (files renamed, added or "
+                      "removed since training)")
     order = np.argsort(index)
     images = np.asarray(raw.train_images[index[order]])
     out = np.empty_like(images)
     out[order] = images
-    return out
+    return out, ""
 
 
-def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: int = 100) -> Path:
+def review_page_path(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Where ``write_review_page`` writes (``out``, ``out/issues.html`` for a folder, default
+    ``RUN_DIR/issues.html``), checked by ``atomic.check_output``: never a file of a run or the data the
+    run was made from; an existing file other than the run's own review page only with ``overwrite``."""
+    run_dir = Path(run_dir)
+    path = Path(out) if out else run_dir / runs.ISSUES_PAGE
+    if path.is_dir():
+        path = path / runs.ISSUES_PAGE
+    return check_output(path, "--html", overwrite=overwrite, run_dir=run_dir,
+                        replaceable=run_dir / runs.ISSUES_PAGE)
+
+
+def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: int = 100,
+                      overwrite: bool = False) -> Path:
     """Write the review page of the ``top`` most suspicious samples; returns its path
-    (default ``RUN_DIR/issues.html``)."""
+    (default ``RUN_DIR/issues.html``, replaced when it exists; another existing file only with
+    ``overwrite``, see ``review_page_path``)."""
     from cdmix.issues import collapse_caution, display_names, rank_label_issues
 
     run_dir = Path(run_dir)
+    path = review_page_path(run_dir, out, overwrite)
     issues = rank_label_issues(run_dir)
     class_names = run_class_names(run_dir)
     k = min(top, len(issues))
-    images = _train_images(run_dir, issues.index[:k])
+    images, why_not = _train_images(run_dir, issues.index[:k], None if issues.ids is None else issues.ids[:k])
+    if images is None:
+        logger.warning(printable(f"the review page has no thumbnails: {why_not}"))
     given, predicted, true = display_names(issues)
     cards = []
     for i in range(k):
@@ -142,8 +188,9 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
                           for v, t in (("keep", "keep the given label"), ("predicted", "use the predicted label"),
                                        ("drop", "drop this image")))
         cards.append(
-            f'<div class="card{" flagged" if flagged else ""}"><img alt="" src="data:image/png;base64,'
-            f'{_thumbnail(images[i])}"><div>#{i + 1}{" · flagged" if flagged else ""}{scored}</div>'
+            f'<div class="card{" flagged" if flagged else ""}">'
+            + ("" if images is None else f'<img alt="" src="data:image/png;base64,{_thumbnail(images[i])}">')
+            + f'<div>#{i + 1}{" · flagged" if flagged else ""}{scored}</div>'
             f'<div class="id">{where}</div><div>given: <span class="given">{html.escape(given[i])}</span></div>'
             f'<div>predicted: <span class="pred">{html.escape(predicted[i])}</span></div>{truth}'
             f"<div>issue score {issues.issue_score[i]:.3f} · clean prob {issues.clean_prob[i]:.3f}</div>"
@@ -158,20 +205,20 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
     body = (f"<h1>{html.escape(title)}</h1><p class=sub>{html.escape(str(run_dir.resolve()))} · the {k} most "
             f"suspicious of {len(issues)} training images, most suspicious first · {n_flagged} flagged "
             f"(clean prob &lt; 0.5, orange)</p>"
-            + (f'<p class="note"><b>{html.escape(caution)}</b></p>' if caution else "") +
+            + (f'<p class="note"><b>{html.escape(caution)}</b></p>' if caution else "")
+            + ("" if images is not None else f'<p class="note" id="no-thumbnails"><b>No thumbnails: '
+               f"{html.escape(why_not)}. Without the images the run was trained on, a thumbnail could show another "
+               "image than the one named under it; the ranking below is the run's own.</b></p>") +
             '<div class="bar"><button onclick="download()">Download the cleaned labels (CSV)</button> '
             '<span class="note">every training image with the choices below applied (flagged ones start as '
             '"drop"); paths are relative to the data folder</span></div>'
             f'<div class="grid">{"".join(cards)}</div>'
             '<p class="note">issue score = 1 − the final nets\' probability of the given label (the ranking); clean '
             "prob = the loss GMM's probability that the given label is right. See README.txt in the run folder.</p>")
-    data_json = json.dumps(all_data).replace("</", "<\\/")
+    data_json = json_for_html(all_data)  # no "<": a class named <!--<script> cannot end the block
     page = (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><main>{body}</main>"
             f'<script type="application/json" id="all">{data_json}</script><script>{SCRIPT}</script>'
             "</body></html>\n")
-    path = Path(out) if out else run_dir / runs.ISSUES_PAGE
-    if path.is_dir():
-        path = path / runs.ISSUES_PAGE
     atomic_write(path, page)
     return path

@@ -19,6 +19,7 @@ from cdmix.data.sources.stored import file_decoder, image_file_samples, store_ra
 from cdmix.data.store import build_store, default_workers
 from cdmix.data.types import RawData
 from cdmix.errors import UserError
+from cdmix.safetext import restore_cell
 
 # What a scan returns: (root, image paths, labels, is_test or None, class names).
 Listing = tuple[Path, list[Path], np.ndarray, "np.ndarray | None", list[str]]
@@ -192,7 +193,8 @@ def scan_csv(data_path: str) -> Listing:
     for row, line in rows:
         if not any(row.values()):
             continue  # blank line
-        rel, label = row.get("path", ""), row.get("label", "")
+        # A label cdmix wrote spreadsheet-safe (--clean-csv, the review page: '=x for =x) is read as it was.
+        rel, label = row.get("path", ""), restore_cell(row.get("label", ""))
         if not rel:
             raise UserError(f"{csv_path} line {line}: empty path")
         _check_label(csv_path, line, rel, label)
