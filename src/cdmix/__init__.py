@@ -21,8 +21,11 @@ __all__ = ["Config", "build_config", "UserError", "train", "resume", "rank_label
 _ARRAY_KEYWORDS = ("test_images", "test_labels", "class_names", "ids", "true_labels")
 
 
-def train(config=None, labels=None, **settings):
+def train(config_or_images=None, labels=None, **settings):
     """Train a run; returns ``RunResult(run_dir, test_acc_best, test_acc_last, summary, metrics, scores, model)``.
+
+    ``config_or_images``: a ``cdmix.Config``, or the images of ``(images, labels)`` (also accepted as
+    the keyword ``config=``, its former name).
 
     - ``cdmix.train(cdmix.Config(...))``: the run a Config describes (``settings`` replace its fields);
     - ``cdmix.train(dataset="digits", epochs=20)``: settings as keywords (``cdmix.build_config``);
@@ -38,14 +41,17 @@ def train(config=None, labels=None, **settings):
     """
     from cdmix.engine import train as _train
 
-    if labels is not None or (config is not None and not isinstance(config, Config)):
+    if "config" in settings and config_or_images is None:  # the parameter's former name, as a keyword
+        config_or_images = settings.pop("config")
+    if labels is not None or (config_or_images is not None and not isinstance(config_or_images, Config)):
         from cdmix.data.arrays import raw_from_arrays
 
         if labels is None:
             raise UserError("cdmix.train(images, labels): give one label per image")
         array_kw = {k: settings.pop(k) for k in _ARRAY_KEYWORDS if k in settings}
-        raw = raw_from_arrays(config, labels, **array_kw)
+        raw = raw_from_arrays(config_or_images, labels, **array_kw)
         return _train(build_config(**{"dataset": "arrays", "data_path": "", **settings}), raw)
+    config = config_or_images
     if config is None:
         config = build_config(**settings)
     elif settings:

@@ -23,7 +23,7 @@ from cdmix.engine.console import device_name, duration, epoch_line, print_data_l
 from cdmix.engine.data import (PreparedData, check_data_unchanged, hash_test_split, hash_train_images, load_data,
                                save_labels)
 from cdmix.engine.lifecycle import on_main, resume, resume_run, start_run, train
-from cdmix.engine.preflight import SMALL_FROM_SCRATCH, check_input_size, check_labels, small_data_caution
+from cdmix.engine.preflight import check_input_size, check_labels, small_data_caution
 from cdmix.engine.schedule import beta1_at, lr_at
 from cdmix.engine.seeding import epoch_seed, rng_states, seed_epoch, set_rng_states
 from cdmix.engine.trainer import PRETRAINED, RunResult, Trainer, pretrained_record
@@ -32,6 +32,6 @@ from cdmix.ensemble import accuracy, top_k_accuracy
 __all__ = ["RunOutputs", "final_scores", "summary_dict", "trained_model", "CollapseGuard", "chance_drop",
            "device_name", "duration", "epoch_line", "print_data_line", "say", "PreparedData", "check_data_unchanged",
            "hash_test_split", "hash_train_images", "load_data", "save_labels", "on_main", "resume", "resume_run",
-           "start_run", "train", "SMALL_FROM_SCRATCH", "check_input_size", "check_labels", "small_data_caution",
+           "start_run", "train", "check_input_size", "check_labels", "small_data_caution",
            "beta1_at", "lr_at", "epoch_seed", "rng_states", "seed_epoch", "set_rng_states", "PRETRAINED",
            "RunResult", "Trainer", "pretrained_record", "accuracy", "top_k_accuracy"]

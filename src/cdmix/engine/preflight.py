@@ -11,7 +11,6 @@ import torch
 from cdmix.config import Config
 from cdmix.data.types import RawData
 from cdmix.errors import UserError
-from cdmix.methods.dividemix import SMALL_FROM_SCRATCH  # noqa: F401  (re-exported: cdmix.engine)
 
 logger = logging.getLogger("cdmix")
 
