@@ -212,3 +212,19 @@ def test_a_method_that_is_no_classifier_runs_through_the_engine(tmp_path, monkey
     assert [r["knn_acc"] for r in runs.read_metrics(run)] == [20.0, 30.0]
     assert result.summary["selected_by"] == "knn_acc" and result.summary["selected_epoch"] == 2
     assert result.end_text == ["encoder: 2"]
+
+
+@pytest.mark.slow
+def test_a_run_trained_under_torchrun_with_two_processes_refuses_to_resume_with_one(tmp_path):
+    """#27 item 10: the world size sets the global batch; the checkpoint records it, resume compares."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    run = tmp_path / "run"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "cdmix", "train", "--method", "standard", "--epochs", "1", "--batch-size", "16",
+                          "--width", "8", "--no-progress", "--device", "cpu", "--out", str(run)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["world_size"] == 2
+    one = subprocess.run([sys.executable, "-m", "cdmix", "resume", str(run)], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert one.returncode == 2 and "trained with 2 process(es) and is resumed with 1" in one.stderr, one.stderr
