@@ -120,7 +120,7 @@ def test_outputs_refuse_the_runs_training_csv_and_its_images(capsys, run_copy, t
     (run / "config.json").write_text(json.dumps({**config, "dataset": "csv", "data_path": str(source)}))
     image = next((data / CLASSES[0]).glob("0*.png"))
     for argv in (["issues", run, "--clean-csv", source, "--overwrite"], ["issues", run, "--html", source, "--overwrite"],
-                 ["predict", run, image, "--csv", source, "--overwrite"]):
+                 ["predict", run, image, "--csv", source, "--overwrite"], ["report", run, "--out", source]):
         _one_line_error(*_run_main(capsys, *argv), str(source), "data the run was made from")
         assert source.read_bytes() == before
     # an image predict reads is never its output, --overwrite or not
@@ -270,6 +270,21 @@ def test_review_page_draws_no_thumbnails_when_the_data_changed(capsys, run_copy)
     page = (run / "issues.html").read_text()
     assert "data:image/png;base64," not in page and 'id="no-thumbnails"' in page
     assert "no thumbnails" in err and len(err.strip().splitlines()) == 1
+
+
+def test_review_page_draws_no_thumbnails_when_a_training_image_was_replaced(capsys, run_copy):
+    from PIL import Image
+
+    from cdmix.issues import rank_label_issues
+
+    data, run = run_copy
+    target = data / rank_label_issues(run).ids[0]  # the first thumbnail's image, same name, other pixels
+    noise = np.random.default_rng(0).integers(0, 256, (8, 8), dtype=np.uint8)
+    Image.fromarray(noise).save(target)
+    code, out, err = _run_main(capsys, "issues", run, "--html")
+    assert code == 0, err
+    page = (run / "issues.html").read_text()
+    assert "data:image/png;base64," not in page and "training images differ" in page
 
 
 # --------------------------------------------------------------------------- 13, 17, 5: model.json and predict

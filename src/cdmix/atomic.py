@@ -75,6 +75,22 @@ def run_inputs(run_dir: str | Path) -> list[Path]:
     return [Path(config[k]).expanduser() for k in keys if isinstance(config.get(k), str) and config[k]]
 
 
+def refuse_inputs(path: str | Path, flag: str, run_dir: str | Path | None = None,
+                  inputs: tuple[str | Path, ...] | list = ()) -> None:
+    """Raise ``UserError`` when an output ``path`` is what ``run_dir``'s run was made from (``run_inputs``:
+    its data CSV, noise or label file, weights, or an existing image in its data folder) or one of the
+    command's own ``inputs``: writing there would destroy data, ``--overwrite`` or not."""
+    path = Path(path)
+    sources = run_inputs(run_dir) if run_dir is not None else []
+    for source, what in [*((s, "the data the run was made from") for s in sources),
+                         *((Path(s), "an input of this command") for s in inputs)]:
+        if _same_file(path, source) or path.resolve() == source.resolve():
+            raise UserError(f"{flag} {path} is {what}; writing there would destroy it, choose another file name")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.exists() and _inside(path, source):
+            raise UserError(f"{flag} {path} is an image in the run's data folder {source}; cdmix never replaces "
+                            "the data a run was made from, choose another file name")
+
+
 def check_output(path: str | Path, flag: str, *, overwrite: bool = False, run_dir: str | Path | None = None,
                  replaceable: str | Path | None = None, inputs: tuple[str | Path, ...] | list = ()) -> Path:
     """Refuse an output file a command must not write; returns ``path`` as a Path.
@@ -97,14 +113,7 @@ def check_output(path: str | Path, flag: str, *, overwrite: bool = False, run_di
     if runs.is_own_file(path.name) and runs.is_run_folder(path.parent):
         raise UserError(f"{flag} {path} is a file of the run in {path.parent}; writing there would break the run, "
                         "choose another file name")
-    sources = run_inputs(run_dir) if run_dir is not None else []
-    for source, what in [*((s, "the data the run was made from") for s in sources),
-                         *((Path(s), "an input of this command") for s in inputs)]:
-        if _same_file(path, source) or path.resolve() == source.resolve():
-            raise UserError(f"{flag} {path} is {what}; writing there would destroy it, choose another file name")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.exists() and _inside(path, source):
-            raise UserError(f"{flag} {path} is an image in the run's data folder {source}; cdmix never replaces "
-                            "the data a run was made from, choose another file name")
+    refuse_inputs(path, flag, run_dir, inputs)
     if path.exists() and not overwrite:
         raise UserError(f"{flag} {path} exists; give --overwrite to replace it, or another file name")
     return path

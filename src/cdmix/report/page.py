@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cdmix import runs
-from cdmix.atomic import atomic_write
+from cdmix.atomic import atomic_write, refuse_inputs
 from cdmix.errors import UserError
 from cdmix.report.compare import COMPARE_COLUMNS, DROP_FLAG_POINTS, LEFT_ALIGNED, accuracy_drop, flag_line, summary_row
 from cdmix.report.plots import Plot, plot_accuracy_runs, run_plots
@@ -161,6 +161,8 @@ def _page_path(paths: list[Path], out: str | Path | None) -> Path:
         raise UserError(f"--out {out} does not exist; end it with / to have the folder made, or give a file "
                         f"name ending .html")
     runs.refuse_run_file(page)
+    for path in paths:  # nor the data a run was made from (its training CSV, ...)
+        refuse_inputs(page, "--out", path)
     try:
         page.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -132,7 +132,7 @@ def _train_images(run_dir: Path, index: np.ndarray, ids: np.ndarray | None) -> t
                           image_size=c.get("image_size"), seed=c.get("seed", 0), progress=False)
         if len(raw.train_labels) <= int(index.max(initial=0)):
             raise UserError(f"the data has changed ({len(raw.train_labels)} training images now)")
-        check_data_unchanged(run_dir, SimpleNamespace(raw=raw))
+        check_data_unchanged(run_dir, SimpleNamespace(raw=raw), training=True)  # the training images too
     except UserError as exc:
         return None, str(exc)
     saved = runs.read_labels(run_dir)
