@@ -119,7 +119,8 @@ def test_outputs_refuse_the_runs_training_csv_and_its_images(capsys, run_copy, t
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "dataset": "csv", "data_path": str(source)}))
     image = next((data / CLASSES[0]).glob("0*.png"))
-    for argv in (["issues", run, "--clean-csv", source, "--overwrite"], ["issues", run, "--html", source, "--overwrite"],
+    for argv in (["issues", run, "--clean-csv", source, "--overwrite"],
+                 ["issues", run, "--html", source, "--overwrite"],
                  ["predict", run, image, "--csv", source, "--overwrite"], ["report", run, "--out", source]):
         _one_line_error(*_run_main(capsys, *argv), str(source), "data the run was made from")
         assert source.read_bytes() == before
@@ -255,6 +256,14 @@ def test_issues_and_predict_print_no_control_characters(capsys, hostile):
         assert code == 0, err
         assert "\x1b" not in out + err and "\x07" not in out + err
         assert "\\x1b]0;pwned\\x07\\x1b[31mred.png" in out  # shown, escaped
+    # an error or a warning naming such a file is escaped too
+    code, out, err = _run_main(capsys, "predict", run, data / "missing" / ESC_NAME)
+    assert "\x1b" not in err and "\\x1b]0;pwned" in _one_line_error(code, out, err)
+    import logging
+
+    logging.getLogger("cdmix").warning(f"skipped {ESC_NAME}")
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "skipped \\x1b]0;pwned" in err
 
 
 # --------------------------------------------------------------------------- 8: thumbnails of other images
@@ -361,7 +370,7 @@ def test_a_huge_sparse_weights_file_is_refused_before_it_is_hashed(tmp_path, mon
     with open(path, "wb") as fh:
         fh.truncate(4 << 30)  # 4 GB of zeros, sparse: costs no disk
     net = create_model("small_cnn", num_classes=3, in_channels=3, width=2)
-    with pytest.raises(UserError, match="damaged|neither"):
+    with pytest.raises(UserError, match="cannot read weights file.*(damaged|neither)"):
         pretrained.load_pretrained(net, path)
 
 

@@ -430,7 +430,9 @@ class _StderrHandler(logging.StreamHandler):
     stream = property(lambda self: sys.stderr, lambda self, value: None)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = record.getMessage()
+        from cdmix.safetext import printable
+
+        text = printable(record.getMessage(), keep="\n")  # a file name's ESC[... is shown, not run
         return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 

@@ -30,10 +30,10 @@ _QUOTE = "'"
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")  # "-1", "+0.5": a number, not a formula
 
 
-def printable(text: Any) -> str:
-    """``str(text)`` with every control character (C0, DEL, C1) written as its Python escape
-    (``\\x1b``, ``\\n``, ``\\t``): safe to print on a terminal, and one line."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], str(text))
+def printable(text: Any, keep: str = "") -> str:
+    """``str(text)`` with every control character (C0, DEL, C1) but those in ``keep`` written as its
+    Python escape (``\\x1b``, ``\\n``, ``\\t``): safe to print on a terminal, and one line."""
+    return _CONTROL.sub(lambda m: m.group() if m.group() in keep else repr(m.group())[1:-1], str(text))
 
 
 def neutralise_cell(text: str) -> str:

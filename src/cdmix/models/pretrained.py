@@ -51,28 +51,28 @@ def check_structure(path: Path) -> None:
         head = f.read(8)
         if path.suffix == ".safetensors":
             if size < 8:
-                raise UserError(f"weights file {path} is too short ({size} bytes) to be a .safetensors file")
+                raise UserError(f"cannot read weights file {path}: {size} bytes are too few for a .safetensors file")
             (header_len,) = struct.unpack("<Q", head)
             if not 2 <= header_len <= min(size - 8, 100 << 20):
-                raise UserError(f"weights file {path} is not a .safetensors file (its header length {header_len} "
-                                f"does not fit the file of {size} bytes); the file is damaged")
+                raise UserError(f"cannot read weights file {path}: not a .safetensors file (its header length "
+                                f"{header_len} does not fit the file of {size} bytes); the file is damaged")
             try:
                 header = json.loads(f.read(header_len))
                 ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
             except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-                raise UserError(f"weights file {path} is not a .safetensors file (its header is not the JSON "
-                                "safetensors writes); the file is damaged") from None
+                raise UserError(f"cannot read weights file {path}: not a .safetensors file (its header is not "
+                                "the JSON safetensors writes); the file is damaged") from None
             if max(ends, default=0) != size - 8 - header_len:
-                raise UserError(f"weights file {path} is damaged: its header describes {max(ends, default=0)} bytes "
-                                f"of tensors, the file holds {size - 8 - header_len}")
+                raise UserError(f"cannot read weights file {path}: its header describes {max(ends, default=0)} "
+                                f"bytes of tensors, the file holds {size - 8 - header_len}; the file is damaged")
             return
     if head.startswith(b"PK\x03\x04"):
         if not zipfile.is_zipfile(path):  # reads only the end of the file
-            raise UserError(f"weights file {path} is a damaged zip archive (no end record; truncated?)")
+            raise UserError(f"cannot read weights file {path}: a damaged zip archive (no end record; truncated?)")
         return
     if not head.startswith(b"\x80"):  # pickle protocol 2+: torch's legacy (pre-1.6) format
-        raise UserError(f"weights file {path} is neither torch.save's zip format, torch's legacy format nor "
-                        "safetensors (wrong first bytes); give a .pth/.pt state dict or a .safetensors file")
+        raise UserError(f"cannot read weights file {path}: neither torch.save's zip format, torch's legacy format "
+                        "nor safetensors (wrong first bytes); give a .pth/.pt state dict or a .safetensors file")
 
 
 def check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -161,6 +161,11 @@ def load_pretrained(net: nn.Module, path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} not found (give the path of a local .pth, .pt or .safetensors file)")
+    if path.suffix == ".safetensors":
+        try:
+            import safetensors.torch  # noqa: F401
+        except ImportError:
+            raise UserError(f"weights file {path} is .safetensors: pip install safetensors") from None
     check_structure(path)  # cheap, before the whole file is hashed and read
     digest = sha256_file(path)
     state = _read_state_dict(path)
