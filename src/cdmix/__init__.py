@@ -9,14 +9,18 @@ Python API::
 
     # arrays in, scikit-learn / cleanlab style (nothing written unless out= is given)
     ranked = cdmix.find_label_issues(images, labels, epochs=30)   # suspected label errors, worst first
+
+    # SimCLR pretraining on the images themselves (no labels needed), then training from its encoder
+    enc = cdmix.pretrain(dataset="digits", out="runs/enc")          # enc.encoder, enc.knn_disagreement
+    result = cdmix.train(dataset="digits", pretrained=str(enc.run_dir))
 """
 
 from cdmix.config import Config, build_config
 from cdmix.errors import UserError
 
 __version__ = "0.1.0"
-__all__ = ["Config", "build_config", "UserError", "train", "resume", "rank_label_issues", "find_label_issues",
-           "load_model", "RunResult", "LabelIssueResult"]
+__all__ = ["Config", "build_config", "UserError", "train", "pretrain", "resume", "rank_label_issues",
+           "find_label_issues", "load_model", "RunResult", "LabelIssueResult", "PretrainResult"]
 
 _ARRAY_KEYWORDS = ("test_images", "test_labels", "class_names", "ids", "true_labels")
 
@@ -57,6 +61,44 @@ def train(config_or_images=None, labels=None, **settings):
     elif settings:
         config = config.replace(**settings)
     return _train(config)
+
+
+def pretrain(images=None, labels=None, **settings):
+    """SimCLR pretraining of an encoder (``cdmix pretrain``; C2D's first stage); returns a
+    ``PretrainResult`` (run_dir, encoder: the encoder file, knn_acc, knn_disagreement and
+    knn_predicted of every training sample, summary, metrics).
+
+    - ``cdmix.pretrain(dataset="cifar10", data_path="data", epochs=50)``: any data source, by settings;
+    - ``cdmix.pretrain(images, labels, out="runs/enc")``: your own arrays (uint8 N x H x W (x C),
+      square); ``labels`` are only used for the kNN monitor and the kNN label disagreement (None: no
+      labels, no label issues); the keywords of ``cdmix.train`` for arrays (test_images, test_labels,
+      class_names, ids, true_labels) work here too. Arrays without ``out`` get a new folder under
+      runs/ all the same: the encoder is the result.
+
+    Settings: SupContrast's (batch 1024, lr 0.5, temperature 0.5, its cosine, SGD 0.9, weight decay
+    1e-4), 100 epochs, val_fraction 0, then ``preset`` and the keywords. Then
+    ``cdmix.train(..., pretrained=result.run_dir)``.
+    """
+    from cdmix.pretrain import pretrain_config, run_pretraining
+
+    if images is None:
+        if labels is not None:
+            raise UserError("cdmix.pretrain(images, labels): labels without images")
+        return run_pretraining(pretrain_config(**settings))
+    import numpy as np
+
+    from cdmix import runs
+    from cdmix.data.arrays import raw_from_arrays
+
+    array_kw = {k: settings.pop(k) for k in _ARRAY_KEYWORDS if k in settings}
+    if labels is None:  # no labels: one class, nothing for the kNN scores to disagree with
+        labels = np.zeros(len(images), dtype=np.int64)
+        array_kw.setdefault("class_names", ["unlabelled"])
+        if "test_images" in array_kw and "test_labels" not in array_kw:
+            array_kw["test_labels"] = np.zeros(len(array_kw["test_images"]), dtype=np.int64)
+    raw = raw_from_arrays(images, labels, **array_kw)
+    settings.setdefault("out", str(runs.default_run_dir("arrays", "simclr")))
+    return run_pretraining(pretrain_config(**{"dataset": "arrays", "data_path": "", **settings}), raw)
 
 
 def find_label_issues(images, labels, *, return_result: bool = False, verbose: bool = False, **settings):
@@ -116,6 +158,10 @@ def __getattr__(name):
         from cdmix.engine import RunResult
 
         return RunResult
+    if name == "PretrainResult":
+        from cdmix.pretrain import PretrainResult
+
+        return PretrainResult
     if name == "LabelIssueResult":
         from cdmix.issues import LabelIssueResult
 

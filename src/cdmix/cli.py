@@ -1,4 +1,4 @@
-"""``cdmix`` command line: train | resume | evaluate | noise | presets | issues | prepare | report | compare | bench."""
+"""``cdmix`` command line: train | pretrain | resume | evaluate | noise | presets | issues | prepare | report | compare | bench."""
 
 from __future__ import annotations
 
@@ -36,8 +36,9 @@ def _flag_type(annotation: str):
     return str
 
 
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field, in the field's group, with its help text and choices."""
+def add_train_flags(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """One flag per Config field, in the field's group, with its help text and choices; ``defaults``:
+    the defaults shown where a command's differ from the Config's (``cdmix pretrain``)."""
     from dataclasses import fields
 
     from cdmix.config import GROUPS, Config
@@ -48,7 +49,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(str(f.type))
         group = groups[f.metadata["group"]]
-        text = f.metadata["help"] + ("" if f.default is None else f" (default: {f.default})")
+        default = (defaults or {}).get(f.name, f.default)
+        text = f.metadata["help"] + ("" if default is None else f" (default: {default})")
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
@@ -69,6 +71,16 @@ def cmd_train(args) -> int:
     from cdmix.engine import train
 
     return finish(train(config_from_args(args)))
+
+
+def cmd_pretrain(args) -> int:
+    from dataclasses import fields
+
+    from cdmix.config import Config
+    from cdmix.pretrain import pretrain_config, run_pretraining
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
+    return finish(run_pretraining(pretrain_config(config_file=args.config_file, **overrides)).run)
 
 
 def cmd_resume(args) -> int:
@@ -256,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a model. Settings: defaults < --preset < --config file < flags.")
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
+
+    from cdmix.methods.simclr import PRETRAIN_DEFAULTS
+
+    p = sub.add_parser(
+        "pretrain", help="SimCLR pretraining of an encoder on the training images, labels unused (C2D); then "
+                         "cdmix train --pretrained RUN_DIR",
+        description="Self-supervised SimCLR pretraining on the training split's images (never the test split; the "
+                    "labels are not used for training): NT-Xent on two augmented views, SupContrast's settings "
+                    "(batch 1024, lr 0.5, temperature 0.5, its cosine schedule, SGD 0.9, weight decay 1e-4) and "
+                    f"{PRETRAIN_DEFAULTS['epochs']} epochs unless a --preset (simclr-cifar10, simclr-cifar100: "
+                    "SupContrast's 1000) or a flag says otherwise. The same data flags as train. The run folder holds "
+                    "encoder.safetensors and encoder.json; a kNN monitor of the test split is logged (knn_acc) and "
+                    "label_issues.csv ranks the samples by kNN label disagreement in the encoder's feature space "
+                    "(cdmix issues RUN_DIR). Resume a stopped run with cdmix resume RUN_DIR.")
+    add_train_flags(p, PRETRAIN_DEFAULTS)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("resume", help="continue a run from its last completed epoch")
     p.add_argument("run_dir")

@@ -23,8 +23,11 @@ from cdmix.data.names import DATA_PLACEMENTS
 from cdmix.errors import UserError
 
 DATASETS = ("digits", "cifar10", "cifar100", "cifar10n", "cifar100n", "folder", "csv", "npz", "store", "arrays",
-            "clothing1m", "webvision", "food101n", "animal10n")
-METHODS = ("standard", "dividemix", "josrc", "hybrid")
+            "clothing1m", "webvision", "food101n", "animal10n", "hf")
+METHODS = ("standard", "dividemix", "josrc", "hybrid", "simclr")
+# Methods with no warm-up of cross-entropy: the baseline, and SimCLR pretraining (``cdmix pretrain``).
+NO_WARMUP_METHODS = ("standard", "simclr")
+PRETRAINING_METHODS = ("simclr",)
 NOISE_MODES = ("sym", "sym-exclusive", "asym", "pairflip")
 CIFARN_LABEL_SETS = tuple(name for sets in _CIFARN_LABEL_SETS.values() for name in sets)  # every --labels name
 # ``--warmup auto`` (``DivideMix.measure_warmup``, ``selection.warmup_decision``): floor and ceiling of the
@@ -92,7 +95,12 @@ def bounds_error(name: str, value: Any) -> str | None:
 class Config:
     # --- data
     dataset: str = setting("digits", "data", "dataset (digits is built in)", DATASETS)
-    data_path: str = setting("data", "data", "folder with the CIFAR pickles / image folder / CSV file / .npz file")
+    data_path: str = setting("data", "data", "folder with the CIFAR pickles / image folder / CSV file / .npz file / "
+                             "Hugging Face dataset (a save_to_disk folder, parquet or imagefolder files)")
+    hf_image_column: str = setting("image", "data", "hf: the column holding the images (an Image feature)")
+    hf_label_column: str = setting("label", "data", "hf: the column holding the labels (class names from its "
+                                   "ClassLabel); label_issues.csv's id is the dataset's id column, else the row "
+                                   "number in its split")
     labels: str | None = setting(None, "data", "CIFAR-N label set: worst | aggre | random1..3 (10N), noisy (100N)",
                                  CIFARN_LABEL_SETS)
     label_file: str | None = setting(None, "data", "path of CIFAR-10_human.pt / CIFAR-100_human.pt")
@@ -100,9 +108,10 @@ class Config:
     image_size: int | None = setting(None, "data", "folder/csv images: short side resized to this size, center "
                                      "crop (default 32; see `cdmix prepare` for large data)",
                                      bounds="[1, inf)")
-    normalization: str | None = setting(None, "data", "per-channel normalisation: the dataset's own statistics "
-                                        "or ImageNet's (default: imagenet with --pretrained weights, else dataset)",
-                                        ("dataset", "imagenet"))
+    normalization: str | None = setting(None, "data", "per-channel normalisation: the dataset's own statistics, "
+                                        "ImageNet's, or those a --pretrained cdmix encoder was pretrained with (its "
+                                        "encoder.json). Default: encoder with a cdmix encoder, imagenet with other "
+                                        "--pretrained weights, else dataset", ("dataset", "imagenet", "encoder"))
     data_placement: str = setting("auto", "data", "where the training images live: device (one uint8 tensor on the "
                                   "device), host (memory), disk (read from the image store by index); auto: device "
                                   "when they take < 25%% of the free device memory, else disk", DATA_PLACEMENTS)
@@ -142,7 +151,10 @@ class Config:
     model: str | None = setting(None, "model", "preact_resnet18 | wrn28 | small_cnn (default: per dataset)")
     width: int | None = setting(None, "model", "model width (base channels; widen factor for wrn28)", bounds="[1, inf)")
     pretrained: str | None = setting(None, "model", "start from this local .pth/.pt/.safetensors state dict (e.g. "
-                                     "ImageNet resnet50 weights; its sha256 is recorded in the run folder)")
+                                     "ImageNet resnet50 weights), or a `cdmix pretrain` run folder or its encoder "
+                                     "file (every net gets the encoder and a fresh classifier; --model, --width and "
+                                     "the normalisation come from its encoder.json); its sha256 is recorded in the "
+                                     "run folder")
     # --- method (DivideMix defaults from REFERENCE §2)
     method: str = setting("dividemix", "method", "training method", METHODS)
     warmup: int | str | None = setting(None, "method", "warm-up epochs of plain cross-entropy, or auto: end it when "
@@ -229,9 +241,11 @@ class Config:
     momentum: float = setting(0.9, "optimisation", "SGD momentum (Adam: beta1)", bounds="[0, 1)")
     nesterov: bool = setting(False, "optimisation", "SGD with Nesterov momentum (official Jo-SRC real-world runs)")
     weight_decay: float = setting(5e-4, "optimisation", "weight decay", bounds="[0, inf)")
-    schedule: str = setting("step", "optimisation", "lr schedule: step (/10 at --lr-step), cosine, or josrc (the "
-                            "official Jo-SRC Adam plan: constant to --lr-step, then linear to 0, beta1 0.1)",
-                            ("step", "cosine", "josrc"))
+    schedule: str = setting("step", "optimisation", "lr schedule: step (/10 at --lr-step), cosine, josrc (the "
+                            "official Jo-SRC Adam plan: constant to --lr-step, then linear to 0, beta1 0.1), or "
+                            "supcon (SupContrast's: cosine to lr x 0.001 by 1-based epoch, and with a global batch "
+                            "above 256 a linear warm-up from 0.01 over the first 10 epochs, per step; what "
+                            "`cdmix pretrain` uses)", ("step", "cosine", "josrc", "supcon"))
     lr_step: int | None = setting(None, "optimisation", "step/josrc schedule: the decay starts after this many epochs "
                                   "(default: half the epochs; dividemix: half of those after the warm-up)",
                                   bounds="[0, inf)")
@@ -314,9 +328,11 @@ def preset_info(name: str) -> dict[str, Any]:
     return {"settings": data, "info": info}
 
 
-def build_config(preset: str | None = None, config_file: str | None = None, **overrides: Any) -> Config:
-    """Merge preset < config file < overrides (``None`` overrides are ignored) and validate."""
-    values: dict[str, Any] = {}
+def build_config(preset: str | None = None, config_file: str | None = None, *, defaults: dict[str, Any] | None = None,
+                 **overrides: Any) -> Config:
+    """Merge defaults < preset < config file < overrides (``None`` overrides are ignored) and validate.
+    ``defaults``: settings under the preset (``cdmix pretrain``'s SupContrast values)."""
+    values: dict[str, Any] = dict(defaults or {})
     file_values = load_toml(config_file) if config_file else {}
     preset = overrides.get("preset") or preset or file_values.get("preset")
     if preset:
@@ -349,6 +365,9 @@ def validate(config: Config) -> None:
                         f"{config.method} a number of warm-up epochs")
     if not 1 <= config.warmup_min_steps <= config.warmup_max_steps:
         raise UserError("--warmup-min-steps must be at least 1 and at most --warmup-max-steps")
+    if config.method in PRETRAINING_METHODS and config.val_fraction > 0:
+        raise UserError(f"pretraining (--method {config.method}) uses every training image and no labels to select "
+                        f"by: --val-fraction must be 0, got {config.val_fraction}")
     if config.open_set_classes and config.open_set_rate:
         raise UserError("--open-set-classes and --open-set-rate are two different open-set settings; use one")
     if config.nesterov and (config.optimizer != "sgd" or config.momentum == 0):
@@ -414,7 +433,7 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
     epochs = config.epochs
     if epochs is None:
         epochs = DIGITS_EPOCHS if small else 300
-    if config.method != "standard":  # a warm-up must leave epochs for the method itself
+    if config.method not in NO_WARMUP_METHODS:  # a warm-up must leave epochs for the method itself
         if warmup == "auto" and epochs < 2:
             raise UserError(f"--epochs {epochs} leaves no {config.method} epoch after even one warm-up epoch; "
                             f"give at least 2 epochs")
@@ -431,7 +450,20 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
             lr_step = epochs // 2
     if config.schedule == "josrc" and not 0 <= lr_step < epochs:
         raise UserError(f"--schedule josrc decays from --lr-step {lr_step}, which must be below --epochs {epochs}")
-    model = config.model or default_model(config.dataset, image_size)
+    pretrained, encoder = config.pretrained, None
+    if pretrained:
+        from cdmix.models.encoder import find_encoder
+
+        pretrained, encoder = find_encoder(pretrained)  # a `cdmix pretrain` folder -> its encoder file
+        pretrained = str(pretrained)
+    model = config.model or (encoder or {}).get("model") or default_model(config.dataset, image_size)
+    width = config.width
+    if encoder is not None:
+        width = encoder.get("width") if width is None else width
+        if (model, width) != (encoder.get("model"), encoder.get("width")):
+            raise UserError(f"the encoder {pretrained} was pretrained as --model {encoder.get('model')} --width "
+                            f"{encoder.get('width') or 'default'}, not --model {model} --width {width or 'default'}; "
+                            f"leave out --model and --width (they follow the encoder) or pretrain another one")
     noise = noise_setting(config)
     noise_mode, noise_rate = noise if noise else (None, 0.0)
     neg_entropy = config.neg_entropy
@@ -450,6 +482,8 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
         warmup=warmup,
         epochs=epochs,
         model=model,
+        width=width,
+        pretrained=pretrained,
         neg_entropy=neg_entropy,
         lambda_u=lambda_u,
         noise_mode=noise_mode,
@@ -463,8 +497,15 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
 
 
 def normalization_for(config: Config) -> str:
-    """The normalisation a run uses: as set, else ImageNet's with --pretrained weights, else the dataset's."""
-    return config.normalization or ("imagenet" if config.pretrained else "dataset")
+    """The normalisation a run uses: as set, else the encoder's with a cdmix encoder (``cdmix pretrain``;
+    its encoder.json), ImageNet's with other --pretrained weights, else the dataset's."""
+    if config.normalization:
+        return config.normalization
+    if not config.pretrained:
+        return "dataset"
+    from cdmix.models.encoder import find_encoder
+
+    return "imagenet" if find_encoder(config.pretrained)[1] is None else "encoder"
 
 
 def crop_size_for(config: Config, image_size: int) -> int:

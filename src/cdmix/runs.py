@@ -41,10 +41,13 @@ MODEL = "model.json"  # what cdmix.load_model needs besides the weights (net1.sa
 ISSUES_PAGE = "issues.html"
 ARRAYS = "arrays.npz"  # the training arrays of a run started from arrays (cdmix.train(images, labels))
 NET_FILES = tuple(f"net{i}.{ext}" for i in (1, 2) for ext in ("safetensors", "pt"))
+# `cdmix pretrain`'s encoder and its provenance (cdmix.models.encoder); a run from --pretrained: its record.
+ENCODER_FILES = ("encoder.safetensors", "encoder.pt", "encoder.json")
+PRETRAINED_RECORD = "pretrained.json"
 LOCK = ".cdmix.lock"
 # Files a run writes itself: --overwrite removes these and nothing else; reports may not replace them.
 OWN_FILES = (CHECKPOINT, BEST, CONFIG, METRICS, SUMMARY, LABELS, DIVISION, LABEL_ISSUES, README, PRED_PROBS,
-             CLEAN_PROB, MODEL, ISSUES_PAGE, ARRAYS, *NET_FILES)
+             CLEAN_PROB, MODEL, ISSUES_PAGE, ARRAYS, *NET_FILES, *ENCODER_FILES, PRETRAINED_RECORD)
 _OWN_PATTERN = re.compile(r"events\.out\.tfevents\..+|report\.html|report-.+\.png")
 # Temporary files of the atomic writer left by a kill: ".<own file>.<random>.tmp".
 _TEMP_PATTERN = re.compile(r"\.(" + "|".join(re.escape(n) for n in OWN_FILES) + r")\..+\.tmp")
@@ -84,6 +87,15 @@ clean_prob.npy     (N,): clean_prob of every training sample, in the training or
 net1.safetensors   plain state_dict of each final net (net1, net2 for two-net methods; .pt without the
                    safetensors package) and model.json to rebuild them: cdmix.load_model(<this folder>),
                    cdmix predict <this folder> IMAGES...
+encoder.safetensors  `cdmix pretrain` runs: the encoder (plain state dict, the model's own names, no classifier
+                   and no projection head; encoder.pt without safetensors) and encoder.json, its provenance
+                   (model, width, channels, sizes, normalisation mean/std, epochs, sha256, data fingerprint).
+                   Their label_issues.csv ranks by kNN label disagreement in the encoder's feature space:
+                   issue_score = the share of a sample's nearest training neighbours whose given label differs,
+                   clean_prob = 1 - that share, predicted = the neighbours' majority class (scored = knn-encoder).
+                   Train from it: cdmix train --pretrained <this folder>
+pretrained.json    runs started with --pretrained: the weights file, its sha256 and, for a cdmix encoder, its
+                   provenance
 issues.html        the review page of the top suspects with thumbnails, when made (cdmix issues --html)
 report.html        the one-page report, when made (cdmix report <this folder>)
 report-*.png       the report's plots as images (also embedded in report.html)

@@ -523,6 +523,17 @@ def knn_label_disagreement(features, labels, k: int = KNN_DISAGREEMENT_K, batch_
         float64 numpy (N,) in [0, 1] (all 0 when N < 2). Deterministic for the same inputs on the
         same device (``topk`` of a fixed matrix; ties among equal similarities go to one of them).
     """
+    return knn_label_scores(features, labels, k=k, batch_size=batch_size)[0]
+
+
+def knn_label_scores(features, labels, num_classes: int | None = None, k: int = KNN_DISAGREEMENT_K,
+                     batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn_label_disagreement` and, from the same neighbours, each sample's kNN class: the
+    label most of its ``k`` nearest neighbours (itself excluded) carry (ties: the lowest class).
+
+    Returns (disagreement float64 (N,) in [0, 1], predicted int64 (N,)), numpy; with N < 2 no sample
+    has a neighbour: disagreement 0 and the sample's own label. ``num_classes``: default max label + 1.
+    """
     import torch
 
     features = _unit_rows(features)
@@ -534,12 +545,16 @@ def knn_label_disagreement(features, labels, k: int = KNN_DISAGREEMENT_K, batch_
         raise ValueError(f"k must be >= 1, got {k}")
     k = min(k, n - 1)
     if k < 1:
-        return np.zeros(n, dtype=np.float64)
-    scores = []
+        return np.zeros(n, dtype=np.float64), labels.cpu().numpy().astype(np.int64)
+    num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+    scores, predicted = [], []
     for start in range(0, n, batch_size):
         rows = torch.arange(start, min(start + batch_size, n), device=features.device)
         sim = features[rows] @ features.T
         sim[torch.arange(len(rows), device=sim.device), rows] = float("-inf")  # not its own neighbour
-        neighbours = sim.topk(k, dim=1).indices
-        scores.append((labels[neighbours] != labels[rows, None]).double().mean(dim=1))
-    return torch.cat(scores).cpu().numpy()
+        neighbour_labels = labels[sim.topk(k, dim=1).indices]
+        scores.append((neighbour_labels != labels[rows, None]).double().mean(dim=1))
+        counts = torch.zeros((len(rows), num_classes), device=features.device)
+        predicted.append(counts.scatter_add_(1, neighbour_labels, torch.ones_like(counts[:, :1]).expand(-1, k))
+                         .argmax(dim=1))
+    return torch.cat(scores).cpu().numpy(), torch.cat(predicted).cpu().numpy().astype(np.int64)

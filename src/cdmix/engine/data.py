@@ -60,10 +60,16 @@ def load_data(config: Config, raw: RawData | None = None) -> PreparedData:
 
         raw, open_info = apply_open_set(raw, config.open_set_rate, config.open_set_source, config.seed)
         noise_info.update(open_info)
-    if normalization_for(config) == "imagenet" and raw.train_images.shape[-1] == 3:
+    normalization = normalization_for(config)
+    if normalization == "imagenet" and raw.train_images.shape[-1] == 3:
         from cdmix.data.sources import IMAGENET_MEAN, IMAGENET_STD
 
         raw = dataclasses.replace(raw, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    elif normalization == "encoder":  # the mean and std the --pretrained encoder was pretrained with
+        from cdmix.models.encoder import encoder_normalization
+
+        mean, std = encoder_normalization(config.pretrained, raw.train_images.shape[-1])
+        raw = dataclasses.replace(raw, mean=mean, std=std)
     n = len(raw.train_labels)
     order = np.random.default_rng([config.seed, 7]).permutation(n)
     # A source with a clean validation set (Clothing1M) selects on it: the noisy set is not split.

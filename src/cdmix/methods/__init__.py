@@ -9,9 +9,10 @@ def method_classes() -> dict[str, type]:
     from cdmix.methods.dividemix import DivideMix
     from cdmix.methods.hybrid import Hybrid
     from cdmix.methods.josrc import JoSRC
+    from cdmix.methods.simclr import SimCLR
     from cdmix.methods.standard import Standard
 
-    return {"standard": Standard, "dividemix": DivideMix, "josrc": JoSRC, "hybrid": Hybrid}
+    return {"standard": Standard, "dividemix": DivideMix, "josrc": JoSRC, "hybrid": Hybrid, "simclr": SimCLR}
 
 
 def build_method(config, train):

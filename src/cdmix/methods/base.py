@@ -120,14 +120,40 @@ def prefetching(images, batches: list[torch.Tensor]):
 
 def build_net(config: Config, num_classes: int, in_channels: int) -> torch.nn.Module:
     net = create_model(config.model, num_classes=num_classes, in_channels=in_channels, width=config.width)
-    if config.pretrained:
-        from cdmix.models.pretrained import load_pretrained
+    if config.pretrained:  # a weights file, or a `cdmix pretrain` encoder (folder or file): a fresh classifier
+        from cdmix.models.encoder import find_encoder, load_encoder
 
-        load_pretrained(net, config.pretrained)
+        load_encoder(net, find_encoder(config.pretrained)[0])
     net = net.to(config.device)
     if torch.device(config.device).type == "cuda":
         net = net.to(memory_format=torch.channels_last)
     return net
+
+
+@torch.inference_mode()
+def encoder_features(encoder: torch.nn.Module, images, config: Config, dim: int,
+                     batch_size: int | None = None) -> torch.Tensor:
+    """``encoder(x)`` (``dim`` features) of all ``images`` in eval mode without augmentation (the
+    evaluation crop), float32 N x dim on the images' device. Under torchrun each rank computes a block
+    and all receive all rows."""
+    dist = distributed.current()
+    batch_size = batch_size or config.eval_batch_size or 256
+    was_training = encoder.training
+    encoder.eval()
+    n = len(images)
+    first, stop = distributed.shard_range(n, dist)
+    device = images.device
+    batches = [torch.arange(start, min(start + batch_size, stop), device=device)
+               for start in range(first, stop, batch_size)]
+    out = []
+    try:
+        with autocast(config), images.prefetch(batches):
+            for idx in batches:
+                out.append(encoder(images.batch(idx, augment=False)).float())
+    finally:
+        encoder.train(was_training)
+    local = torch.cat(out) if out else torch.zeros((0, dim), device=device)
+    return distributed.gather_rows(local, n, dist)
 
 
 def build_optimizer(config: Config, net: torch.nn.Module) -> torch.optim.Optimizer:

@@ -26,7 +26,7 @@ from cdmix.errors import UserError
 from cdmix.models.pretrained import _classifier_name, _read_state_dict, load_pretrained, sha256_file
 
 __all__ = ["classifier_name", "feature_dim", "encoder_of", "ProjectionHead", "ContrastiveNet", "save_encoder",
-           "load_encoder"]
+           "load_encoder", "find_encoder", "encoder_normalization", "encoder_file_name", "ENCODER_FILES", "PROVENANCE"]
 
 
 def classifier_name(net: nn.Module) -> str:
@@ -93,14 +93,86 @@ def encoder_state_dict(encoder: nn.Module) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v.detach().cpu().clone() for k, v in encoder.state_dict().items()}
 
 
+# What `cdmix pretrain` writes in its run folder: the encoder (safetensors when the package is there, as
+# the exported nets; else torch.save's format) and its provenance beside it (same stem, .json).
+ENCODER_FILES = ("encoder.safetensors", "encoder.pt")
+PROVENANCE = "encoder.json"
+
+
+def encoder_file_name() -> str:
+    """``encoder.safetensors`` when the safetensors package is installed, else ``encoder.pt``."""
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        return ENCODER_FILES[1]
+    return ENCODER_FILES[0]
+
+
 def save_encoder(encoder: nn.Module, path: str | Path) -> str:
-    """Write the encoder's plain state dict to ``path`` (``torch.save``, atomic); return its sha256."""
+    """Write the encoder's plain state dict to ``path`` (atomic): safetensors for a ``.safetensors``
+    path, else ``torch.save``; return the file's sha256."""
     from cdmix.atomic import atomic_write
 
-    buffer = io.BytesIO()
-    torch.save(encoder_state_dict(encoder), buffer)
-    atomic_write(Path(path), buffer.getvalue())
+    state = {k: v.contiguous() for k, v in encoder_state_dict(encoder).items()}
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import save
+
+        data = save(state)
+    else:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        data = buffer.getvalue()
+    atomic_write(Path(path), data)
     return sha256_file(path)
+
+
+def find_encoder(path: str | Path) -> tuple[Path, dict | None]:
+    """``--pretrained``'s weights file and, for a cdmix encoder, its provenance (encoder.json, as
+    written by ``cdmix pretrain``; None for other weights files).
+
+    ``path``: a `cdmix pretrain` run folder (its encoder file is taken), an encoder file (its
+    provenance is the ``.json`` of the same stem beside it), or any other weights file. A folder
+    without an encoder, a provenance that is not JSON, or one whose sha256 is not the file's raise
+    one :class:`UserError`."""
+    import json
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = [path / name for name in ENCODER_FILES if (path / name).is_file()]
+        if not found:
+            what = "a `cdmix pretrain` run that has not finished" if (path / "config.json").is_file() else "no run"
+            raise UserError(f"--pretrained {path} is a folder without {' or '.join(ENCODER_FILES)} ({what}); give a "
+                            f"finished `cdmix pretrain` run folder, its encoder file, or a .pth/.pt/.safetensors file")
+        path = found[0]
+    elif not path.is_file():
+        raise UserError(f"--pretrained {path} not found (give a `cdmix pretrain` run folder, its encoder file, or "
+                        f"a local .pth/.pt/.safetensors weights file)")
+    record = path.with_suffix(".json")
+    if not record.is_file():
+        return path, None
+    try:
+        provenance = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"cannot read the encoder's provenance {record} ({exc}); the file is damaged") from None
+    if not isinstance(provenance, dict) or provenance.get("kind") != "cdmix encoder":
+        return path, None  # some other JSON beside some other weights file
+    if provenance.get("sha256") != sha256_file(path):
+        raise UserError(f"{path} is not the encoder {record} describes (its sha256 differs); the file was replaced "
+                        f"or damaged: pretrain again, or put back the file it was written with")
+    return path, provenance
+
+
+def encoder_normalization(path: str | Path, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the cdmix encoder at ``path`` was pretrained with (its provenance), for images of
+    ``channels`` channels; a :class:`UserError` for other weights or another number of channels."""
+    weights, provenance = find_encoder(path)
+    if provenance is None:
+        raise UserError(f"--normalization encoder needs a `cdmix pretrain` encoder as --pretrained; {weights} has no "
+                        f"{PROVENANCE}")
+    if int(provenance["in_channels"]) != channels:
+        raise UserError(f"the encoder {weights} was pretrained on {provenance['in_channels']}-channel images, these "
+                        f"have {channels}; pretrain on images like these (greyscale vs colour)")
+    return tuple(float(v) for v in provenance["mean"]), tuple(float(v) for v in provenance["std"])
 
 
 def load_encoder(net: nn.Module, path: str | Path) -> str:
@@ -112,13 +184,17 @@ def load_encoder(net: nn.Module, path: str | Path) -> str:
     ``net`` in name and shape (a mismatch raises one :class:`UserError` naming the first keys) and
     ``net`` is untouched on error.
     """
+    from cdmix.models.pretrained import check_finite, check_structure
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"encoder file {path} not found")
+    check_structure(path)  # cheap, before the file is read
     state = _read_state_dict(path)
     head = classifier_name(net)
     if any(k.startswith(f"{head}.") for k in state):
         return load_pretrained(net, path)
+    check_finite(path, state)
     own = {k: v for k, v in net.state_dict().items() if not k.startswith(f"{head}.")}
     missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
