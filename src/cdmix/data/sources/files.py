@@ -112,7 +112,7 @@ def _nonempty_classes(train_root: Path) -> list[str]:
     """The class folders of ``train_root`` that hold an image; empty ones are skipped with a warning."""
     folders = _class_dirs(train_root)
     empty = [d.name for d in folders if not any(is_image(p) for p in d.rglob("*"))]
-    if empty:
+    if empty and len(empty) < len(folders):  # none with images: the caller's error says so, alone
         log.warning(f"{len(empty)} class folder(s) of {train_root} hold no images and are not classes: "
                     f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
     return [d.name for d in folders if d.name not in empty]
