@@ -1,0 +1,225 @@
+"""The report's experiment on real human noise (issue #23): CE, DivideMix, Jo-SRC, the faithful
+hybrid and hybrid-stable on the real CIFAR-10 subset (5,551 train / 1,017 test) with its CIFAR-10N
+``worse_label`` labels, at a budget where CE memorises the noise: PreAct ResNet-18 width 16, the
+images 2x2 mean-pooled to 16 px, 150 epochs, ``--val-fraction 0`` (the curves are test curves),
+every other setting at cdmix's default (the same for every method).
+
+Runs are long (an hour or more each on one CPU core) and resumable: each is a run folder
+``<work>/<method>-s<seed>``; a rerun resumes an unfinished one (``cdmix.resume``) and skips a
+finished one. A finished run's ``metrics.csv``, ``summary.json`` and ranking figures are copied to
+``--archive`` (committed: run folders are not), so a study split across sessions adds up there.
+
+    python benchmarks/real_noise_study.py --methods hybrid,hybrid-stable --seeds 0 --threads 1
+    python benchmarks/real_noise_study.py --report          # table + figure from the archive
+
+The table: best and last test accuracy, best - last, the epochs of any drop of 5+ points from the
+best so far, the clean-selection ROC-AUC (first epoch after warm-up, middle, last), the ranking's
+ROC-AUC and precision@K from label_issues.csv, minutes per run; the figure: each method's mean test
+accuracy curve over its seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy_small import cifar10n_subset_npz, ranking_quality  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["standard", "dividemix", "josrc", "hybrid", "hybrid-stable"]
+DROP = 5.0  # points below the best so far that count as a drop
+
+
+def method_settings(name: str) -> dict:
+    """Config fields of one study method: the method, plus hybrid-stable's stabilisers."""
+    if name == "hybrid-stable":
+        from cdmix.config import load_preset
+
+        return {"method": "hybrid", **{k: v for k, v in load_preset("hybrid-stable").items() if k.startswith("stab_")}}
+    return {"method": name}
+
+
+def run_one(work: Path, data: Path, name: str, seed: int, epochs: int, width: int, extra: dict) -> Path:
+    """Train (or resume, or skip when finished) one run; returns its folder."""
+    import cdmix
+
+    run_dir = work / f"{name}-s{seed}"
+    summary = run_dir / "summary.json"
+    if summary.is_file() and (run_dir / "label_issues.csv").is_file():
+        if json.loads(summary.read_text()).get("epochs_done") == epochs:
+            return run_dir
+    t0 = time.perf_counter()
+    if (run_dir / "checkpoint.pt").is_file():
+        print(f"== resume {run_dir}", flush=True)
+        cdmix.resume(run_dir)
+    else:
+        print(f"== train {run_dir}", flush=True)
+        config = cdmix.Config(dataset="npz", data_path=str(data), model="preact_resnet18", width=width,
+                              epochs=epochs, val_fraction=0.0, seed=seed, out=str(run_dir), overwrite=True,
+                              progress=False, device="cpu", **method_settings(name), **extra)
+        cdmix.train(config)
+    print(f"   {name} seed {seed}: {time.perf_counter() - t0:.0f} s this part", flush=True)
+    return run_dir
+
+
+def archive_run(run_dir: Path, archive: Path) -> None:
+    """Copy what the table and figure need (small files) into the archive."""
+    import cdmix
+
+    dest = archive / run_dir.name
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("metrics.csv", "summary.json", "config.json"):
+        shutil.copyfile(run_dir / name, dest / name)
+    issues = cdmix.rank_label_issues(run_dir)
+    auc, p_at_k = ranking_quality(issues.issue_score, issues.given_label != issues.true_label)
+    (dest / "ranking.json").write_text(json.dumps({"ranking_auc": auc, "precision_at_k": p_at_k}) + "\n")
+
+
+def read_rows(path: Path) -> list[dict[str, float]]:
+    with path.open() as fh:
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def drops(test: list[float]) -> list[int]:
+    """1-based epochs where the test accuracy first falls DROP points below the best so far (once per fall)."""
+    out, best, down = [], -1.0, False
+    for epoch, acc in enumerate(test, start=1):
+        if acc >= best:
+            best, down = acc, False
+        elif best - acc >= DROP and not down:
+            out.append(epoch)
+            down = True
+        elif best - acc < DROP:
+            down = False
+    return out
+
+
+def selection_auc(rows: list[dict[str, float]]) -> list[float]:
+    """The clean selection ROC-AUC of each epoch (net 1, else the method's one column); NaN in warm-up."""
+    keys = [k for k in rows[0] if k.startswith("sel_auc")]
+    key = "sel_auc_net1" if "sel_auc_net1" in keys else (keys[0] if keys else None)
+    return [r.get(key, math.nan) if key else math.nan for r in rows]
+
+
+def load_archive(archive: Path) -> dict[str, list[dict]]:
+    """method -> runs (rows, summary, ranking) from the archive's finished runs."""
+    out: dict[str, list[dict]] = {}
+    for folder in sorted(p for p in archive.iterdir() if (p / "ranking.json").is_file()):
+        name = folder.name.rsplit("-s", 1)[0]
+        out.setdefault(name, []).append({"seed": folder.name.rsplit("-s", 1)[1],
+                                         "rows": read_rows(folder / "metrics.csv"),
+                                         "summary": json.loads((folder / "summary.json").read_text()),
+                                         **json.loads((folder / "ranking.json").read_text())})
+    return out
+
+
+def fmt(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def table(runs: dict[str, list[dict]]) -> str:
+    lines = ["| method | seeds | best | last | best − last | drops ≥ 5 pts (epoch) | selection AUC first / mid / "
+             "last | ranking ROC-AUC | precision@K | min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in [m for m in METHODS if m in runs] + [m for m in runs if m not in METHODS]:
+        rs = runs[name]
+        tests = [[r["test_acc"] for r in run["rows"]] for run in rs]
+        best = [max(t) for t in tests]
+        last = [t[-1] for t in tests]
+        aucs = [[a for a in selection_auc(run["rows"]) if not math.isnan(a)] for run in rs]
+        first = [a[0] if a else math.nan for a in aucs]
+        mid = [a[len(a) // 2] if a else math.nan for a in aucs]
+        end = [a[-1] if a else math.nan for a in aucs]
+        drop_text = "; ".join(f"s{run['seed']}: {', '.join(map(str, drops(t))) or 'none'}" for run, t in zip(rs, tests))
+        minutes = [run["summary"]["seconds_total"] / 60 for run in rs]
+        lines.append(f"| {name} | {', '.join(run['seed'] for run in rs)} | {fmt(best)} | {fmt(last)} | "
+                     f"{fmt([b - x for b, x in zip(best, last)])} | {drop_text} | "
+                     f"{fmt(first, 3)} / {fmt(mid, 3)} / {fmt(end, 3)} | {fmt([r['ranking_auc'] for r in rs], 3)} | "
+                     f"{fmt([r['precision_at_k'] for r in rs], 3)} | {fmt(minutes, 0)} |")
+    return "\n".join(lines)
+
+
+def figure(runs: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name in [m for m in METHODS if m in runs]:
+        curves = [[r["test_acc"] for r in run["rows"]] for run in runs[name]]
+        length = min(len(c) for c in curves)
+        mean = np.mean([c[:length] for c in curves], axis=0)
+        ax.plot(np.arange(1, length + 1), mean, label=f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("CIFAR-10N worst, real 5.5k subset, 16 px, PreAct ResNet-18 width 16")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--epochs", type=int, default=150)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--work", default="runs/real_noise_study", help="run folders (not committed)")
+    parser.add_argument("--archive", default=str(ROOT / "docs" / "real_noise_study"),
+                        help="finished runs' metrics (committed)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a Config field for every run (JSON value), e.g. --set pretrained=ENC")
+    parser.add_argument("--report", action="store_true", help="only the table and figure from the archive")
+    args = parser.parse_args(argv)
+    archive, work = Path(args.archive), Path(args.work)
+    archive.mkdir(parents=True, exist_ok=True)
+    if not args.report:
+        import torch
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        work.mkdir(parents=True, exist_ok=True)
+        data = work / "cifar10n_worst_subset.npz"
+        if not data.is_file():
+            data = cifar10n_subset_npz(work, pool=True)
+        extra = {k: json.loads(v) if v[:1] in "0123456789-[{\"" or v in ("true", "false", "null") else v
+                 for k, v in (item.split("=", 1) for item in args.set)}
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for name in args.methods.split(","):
+                if name not in METHODS:
+                    raise SystemExit(f"unknown method {name}; one of {', '.join(METHODS)}")
+                run_dir = run_one(work, data, name, seed, args.epochs, args.width, extra)
+                archive_run(run_dir, archive)
+    runs = load_archive(archive)
+    if not runs:
+        print("no finished runs in the archive yet")
+        return 0
+    text = table(runs)
+    figure(runs, archive / "test_accuracy.png")
+    (archive / "table.md").write_text(f"machine: {platform.machine()}, python {platform.python_version()}\n\n"
+                                      + text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
