@@ -10,8 +10,8 @@ from cdmix.errors import UserError
 from cdmix.models import create_model, model_names
 
 # Small widths keep the shape matrix fast; default widths are checked separately.
-_FAST_WIDTH = {"preact_resnet18": 16, "wrn28": 1, "small_cnn": 8, "josrc_cnn": 16, "resnet18": 8, "resnet34": 8,
-               "resnet50": 8, "resnet18_mlp": 8, "resnet50_mlp": 8, "inception_resnet_v2": None}
+_FAST_WIDTH = {"preact_resnet18": 16, "wrn28": 1, "small_cnn": 8, "josrc_cnn": 16, "resnet18": 8, "resnet18_cifar": 8,
+               "resnet34": 8, "resnet50": 8, "resnet18_mlp": 8, "resnet50_mlp": 8, "inception_resnet_v2": None}
 # Inception-ResNet-v2 has fixed widths (55M parameters) and needs inputs of at least 75 px: it runs once per
 # test at that size (its own tests: tests/test_realworld.py); every other model at the sizes the tests name.
 _MIN_SIZE = {"inception_resnet_v2": 75}

@@ -364,3 +364,26 @@ def test_timm_model_and_keys_match_ours():
         create_model("timm:no_such_model_xyz", 5)
     with pytest.raises(UserError, match="width"):
         create_model("timm:resnet18", 5, width=8)
+
+
+def test_resnet18_cifar_is_the_c2d_supcontrast_cifar_network():
+    """C2D's / SupContrast's CIFAR ResNet-18 (models/resnet.py there): 3x3 stride-1 conv1, no max-pool,
+    BasicBlocks 2-2-2-2, global pool, then ``fc``; torchvision's names. 11,173,962 parameters at 10
+    classes: the well-known CIFAR ResNet-18 count (torchvision's 11,689,512 minus the 7x7 stem's extra
+    7,680 weights and the 1000-class fc's 513,000, plus a 10-class fc's 5,130)."""
+    assert "resnet18_cifar" in model_names()
+    model = create_model("resnet18_cifar", num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == 11_173_962
+    conv1 = model.conv1
+    assert (conv1.kernel_size, conv1.stride, conv1.padding, conv1.bias) == ((3, 3), (1, 1), (1, 1), None)
+    assert isinstance(model.maxpool, nn.Identity)
+    # The same names as torchvision's resnet18 (fc included), conv1 the only shape that differs.
+    imagenet = create_model("resnet18", num_classes=10).state_dict()
+    ours = model.state_dict()
+    assert list(ours) == list(imagenet)
+    assert [k for k in ours if ours[k].shape != imagenet[k].shape] == ["conv1.weight"]
+    # Total stride 8: a 32 px image reaches layer4 as a 4x4 map.
+    seen = {}
+    model.layer4.register_forward_hook(lambda m, i, out: seen.update(shape=tuple(out.shape)))
+    logits = model.eval()(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, 10) and seen["shape"] == (2, 512, 4, 4)

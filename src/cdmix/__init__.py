@@ -79,7 +79,7 @@ def pretrain(images=None, labels=None, **settings):
     1e-4), 100 epochs, val_fraction 0, then ``preset`` and the keywords. Then
     ``cdmix.train(..., pretrained=result.run_dir)``.
     """
-    from cdmix.pretrain import pretrain_config, run_pretraining
+    from cdmix.pretraining import pretrain_config, run_pretraining
 
     if images is None:
         if labels is not None:
@@ -91,9 +91,9 @@ def pretrain(images=None, labels=None, **settings):
     from cdmix.data.arrays import raw_from_arrays
 
     array_kw = {k: settings.pop(k) for k in _ARRAY_KEYWORDS if k in settings}
-    if labels is None:  # no labels: one class, nothing for the kNN scores to disagree with
+    if labels is None:  # no labels: all in one class, nothing for the kNN scores to disagree with
         labels = np.zeros(len(images), dtype=np.int64)
-        array_kw.setdefault("class_names", ["unlabelled"])
+        array_kw["class_names"] = ["unlabelled", "(unused)"]  # arrays need two classes; the second stays empty
         if "test_images" in array_kw and "test_labels" not in array_kw:
             array_kw["test_labels"] = np.zeros(len(array_kw["test_images"]), dtype=np.int64)
     raw = raw_from_arrays(images, labels, **array_kw)
@@ -159,7 +159,7 @@ def __getattr__(name):
 
         return RunResult
     if name == "PretrainResult":
-        from cdmix.pretrain import PretrainResult
+        from cdmix.pretraining import PretrainResult
 
         return PretrainResult
     if name == "LabelIssueResult":

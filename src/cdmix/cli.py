@@ -77,7 +77,7 @@ def cmd_pretrain(args) -> int:
     from dataclasses import fields
 
     from cdmix.config import Config
-    from cdmix.pretrain import pretrain_config, run_pretraining
+    from cdmix.pretraining import pretrain_config, run_pretraining
 
     overrides = {f.name: getattr(args, f.name) for f in fields(Config)}
     return finish(run_pretraining(pretrain_config(config_file=args.config_file, **overrides)).run)
@@ -216,9 +216,12 @@ def cmd_issues(args) -> int:
         what = "left out" if args.fix == "drop" else "relabelled with the predicted class"
         print(f"wrote {printable(clean_path)}: {n} labels ({flagged} flagged samples {what})")
     if args.html is None and not args.clean_csv or args.top is not None:
+        from cdmix.issues import score_note
+
         table = format_table(rank_label_issues(args.run_dir, top=args.top or 20))
-        caution = collapse_caution(read_summary(args.run_dir))
-        for line in ([caution] if caution else []) + table:
+        summary = read_summary(args.run_dir)
+        notes = [line for line in (score_note(summary), collapse_caution(summary)) if line]
+        for line in notes + table:
             print(line)
     return 0
 

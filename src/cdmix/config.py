@@ -428,6 +428,8 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
     small = config.dataset == "digits"
     cifar100_like = num_classes >= 100
     warmup = config.warmup
+    if warmup is None and config.method in PRETRAINING_METHODS:
+        warmup = 0  # no cross-entropy warm-up in pretraining (the lr warm-up is the schedule's)
     if warmup is None:
         warmup = "auto" if config.method in AUTO_WARMUP_METHODS else (3 if small else (30 if cifar100_like else 10))
     epochs = config.epochs

@@ -10,6 +10,17 @@ averaged nets where a method averages them), in eval mode without augmentation:
   GMM fitted, per net, to the min-max normalised per-sample losses of the samples the nets were
   trained on, averaged over the nets; ``clean_prob < 0.5`` is the default flagged set.
 
+- ``knn_disagreement`` (a column beside them): the share of the sample's ``--knn-disagreement-k``
+  nearest training neighbours (cosine, in the final nets' feature space: each net's input to its
+  classifier, the share averaged over the nets) whose given label differs from its own (SimiFeat's
+  kNN signal; REFERENCE §7). The nets' space, not that of the encoder a run may start from: the
+  encoder's score is already in its pretraining run's label_issues.csv, and this one is there for
+  runs from scratch too.
+
+A `cdmix pretrain` run trains no classifier: its label_issues.csv ranks by kNN label disagreement in
+the encoder's feature space (issue_score = that share, clean_prob = 1 - it, predicted = the
+neighbours' majority class, scored = ``knn-encoder``; ``score_note`` says so to the reader).
+
 Samples held out by ``--val-fraction`` are scored by the same nets (their losses normalised with
 the training part's range, then the same GMM); the ``scored`` column says ``in-sample`` (the nets
 trained on this sample with its given label, so a label the nets memorised looks clean) or
@@ -33,7 +44,7 @@ from cdmix.runs import LABEL_ISSUES
 from cdmix.safetext import neutralise_cell, neutralise_path, printable, restore_cell
 
 COLUMNS = ("rank", "index", "id", "given_label", "given_class", "predicted_label", "predicted_class", "clean_prob",
-           "issue_score", "scored", "true_label", "true_class")
+           "issue_score", "knn_disagreement", "scored", "true_label", "true_class")
 FLAG_THRESHOLD = 0.5  # the default flagged set: clean_prob below this
 # Text from the user's data: written spreadsheet-safe (a leading = + - @ gets a ' before it, as the OWASP
 # CSV-injection guidance says) and given back as it was by rank_label_issues.
@@ -61,6 +72,7 @@ class LabelIssues:
     predicted_class: np.ndarray | None = None
     scored: np.ndarray | None = None
     true_class: np.ndarray | None = None
+    knn_disagreement: np.ndarray | None = None  # after training: kNN label disagreement in the nets' features
 
     def __len__(self) -> int:
         return len(self.index)
@@ -151,15 +163,17 @@ def _names(labels, class_names) -> list[str]:
 
 
 def write_label_issues(path: Path, index, given_label, predicted_label, clean_prob, true_label=None, *,
-                       issue_score=None, ids=None, class_names=None, scored=None) -> None:
+                       issue_score=None, ids=None, class_names=None, scored=None, knn_disagreement=None) -> None:
     """Write label_issues.csv: one row per sample, most suspicious first (columns: ``COLUMNS``;
     ``id`` only with ``ids``, ``*_class`` only with ``class_names``, ``scored`` only with ``scored``,
-    ``true_*`` only with ``true_label``). ``issue_score`` defaults to ``1 - clean_prob``."""
+    ``knn_disagreement`` only with it, ``true_*`` only with ``true_label``). ``issue_score`` defaults
+    to ``1 - clean_prob``; the rows are ranked by it."""
     clean_prob = np.asarray(clean_prob, dtype=np.float64)
     issue_score = 1.0 - clean_prob if issue_score is None else np.asarray(issue_score, dtype=np.float64)
     order = rank_order(issue_score)
     present = {"id": ids is not None, "given_class": class_names is not None,
                "predicted_class": class_names is not None, "scored": scored is not None,
+               "knn_disagreement": knn_disagreement is not None,
                "true_label": true_label is not None, "true_class": true_label is not None and class_names is not None}
     columns = [c for c in COLUMNS if present.get(c, True)]
     values = {
@@ -168,6 +182,8 @@ def write_label_issues(path: Path, index, given_label, predicted_label, clean_pr
         "given_label": np.asarray(given_label)[order], "predicted_label": np.asarray(predicted_label)[order],
         "clean_prob": [f"{v:.9g}" for v in clean_prob[order]], "issue_score": [f"{v:.9g}" for v in issue_score[order]],
         "scored": None if scored is None else np.asarray(scored)[order],
+        "knn_disagreement": None if knn_disagreement is None else
+        [f"{v:.9g}" for v in np.asarray(knn_disagreement, dtype=np.float64)[order]],
         "true_label": None if true_label is None else np.asarray(true_label)[order],
     }
     if class_names is not None:
@@ -228,6 +244,7 @@ def rank_label_issues(run_dir: str | Path, top: int | None = None) -> LabelIssue
         predicted_class=optional("predicted_class"),
         scored=optional("scored"),
         true_class=optional("true_class"),
+        knn_disagreement=optional("knn_disagreement", np.float64),
     )
 
 
@@ -243,6 +260,16 @@ def display_names(issues: LabelIssues) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
     return (text(issues.given_label, issues.given_class), text(issues.predicted_label, issues.predicted_class),
             text(issues.true_label, issues.true_class))
+
+
+def score_note(summary: dict) -> str | None:
+    """What the issue score is, for a run whose score is not the classifier's (a `cdmix pretrain` run:
+    kNN label disagreement in the self-supervised encoder's feature space); None for a classifier run."""
+    if summary.get("issue_score_kind") != "knn_disagreement":
+        return None
+    return ("note: no classifier was trained (a `cdmix pretrain` run): issue_score is the kNN label disagreement in "
+            "the self-supervised encoder's feature space (the share of a sample's nearest training neighbours whose "
+            "given label differs), clean_prob = 1 - that share, predicted = the neighbours' majority class")
 
 
 def collapse_caution(summary: dict, drop: float = 10.0) -> str | None:
@@ -281,6 +308,8 @@ def format_table(issues: LabelIssues) -> list[str]:
     columns += [("given", list(given), "<"), ("predicted", list(predicted), "<"),
                 ("clean_prob", [f"{v:.4f}" for v in issues.clean_prob], ">"),
                 ("issue_score", [f"{v:.4f}" for v in issues.issue_score], ">")]
+    if issues.knn_disagreement is not None:
+        columns.append(("knn_disagree", [f"{v:.4f}" for v in issues.knn_disagreement], ">"))
     if issues.scored is not None:
         columns.append(("scored", [printable(v) for v in issues.scored], "<"))
     if true is not None:

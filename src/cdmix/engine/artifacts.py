@@ -121,6 +121,7 @@ class RunOutputs:
             ids=raw.train_ids,
             class_names=raw.class_names,
             scored=np.where(scores["in_sample"], "in-sample", "held-out"),
+            knn_disagreement=scores.get("knn_disagreement"),
         )
         self.write_file(runs.PRED_PROBS, lambda fh: np.save(fh, scores["pred_probs"]))
         self.write_file(runs.CLEAN_PROB, lambda fh: np.save(fh, scores["clean_prob"]))
@@ -145,7 +146,41 @@ def final_scores(trainer) -> dict[str, np.ndarray]:
     in_sample = np.zeros(n, dtype=bool)
     in_sample[trainer.data.train_pos] = True
     scores = score_samples(logits, raw.train_labels, in_sample, seed=trainer.config.seed)
-    return {**scores, "in_sample": in_sample}
+    knn = knn_disagreement(trainer, parts)
+    return {**scores, "in_sample": in_sample, **({} if knn is None else {"knn_disagreement": knn})}
+
+
+def knn_disagreement(trainer, parts) -> np.ndarray | None:
+    """kNN label disagreement (``selection.knn_label_scores``, ``--knn-disagreement-k`` neighbours) of
+    every training sample in the final nets' feature space (each net's input to its classifier), the
+    mean over the nets; ``parts``: (positions, images) covering the training order. None where a net
+    has no classifier to take features before, or a label is not a class index."""
+    import torch
+
+    from cdmix.errors import UserError
+    from cdmix.methods.base import encoder_features
+    from cdmix.models.encoder import encoder_of, feature_dim
+    from cdmix.selection import knn_label_scores
+
+    raw, config = trainer.data.raw, trainer.config
+    labels = np.asarray(raw.train_labels)
+    if len(labels) < 2 or labels.min() < 0:
+        return None
+    shares = []
+    for net in trainer.method.eval_nets():
+        net = getattr(net, "module", net)
+        try:
+            encoder, dim = encoder_of(net), feature_dim(net)
+        except UserError:
+            return None
+        features = None
+        for pos, images in parts:
+            block = encoder_features(encoder, images, config, dim)
+            if features is None:
+                features = torch.zeros((len(labels), dim), device=block.device)
+            features[torch.as_tensor(pos, device=block.device)] = block
+        shares.append(knn_label_scores(features, labels, raw.num_classes, config.knn_disagreement_k)[0])
+    return np.mean(shares, axis=0)
 
 
 def trained_model(trainer):

@@ -37,7 +37,8 @@ def start_run(config: Config, raw: RawData | None = None) -> Trainer:
 
         weights = preset_info(config.preset)["info"].get("weights", "")
         if weights.startswith("--pretrained"):
-            logger.warning(f"the preset {config.preset} starts from ImageNet weights ({weights}); without "
+            kind = "a SimCLR encoder" if "cdmix pretrain" in weights else "ImageNet weights"
+            logger.warning(f"the preset {config.preset} starts from {kind} ({weights}); without "
                            f"--pretrained the network trains from scratch and will not reach the published figure")
     data = load_data(config, raw)
     config = resolve(config, data.raw.num_classes, data.raw.image_size)

@@ -347,8 +347,14 @@ def pretrained_record(run_dir: Path | None, config: Config, write: bool) -> dict
     if write or run_dir is None:
         from cdmix.models.pretrained import sha256_file
 
-        record = {"pretrained": str(Path(config.pretrained).expanduser().resolve()),
-                  "pretrained_sha256": sha256_file(Path(config.pretrained).expanduser())}
+        from cdmix.models.encoder import find_encoder
+
+        weights, encoder = find_encoder(config.pretrained)
+        record = {"pretrained": str(weights.resolve()), "pretrained_sha256": sha256_file(weights)}
+        if encoder is not None:  # a `cdmix pretrain` encoder: where it came from (its encoder.json)
+            record["pretrained_encoder"] = {k: encoder.get(k) for k in (
+                "run_dir", "model", "width", "in_channels", "epochs", "dataset", "data_path", "train_fingerprint",
+                "knn_acc_last", "mean", "std")}
         if write and run_dir is not None:
             atomic_write(run_dir / PRETRAINED, json.dumps(record, indent=2) + "\n")
         return record

@@ -11,6 +11,8 @@
 * ``resnet18``, ``resnet34``, ``resnet50``: ImageNet-style (torchvision layout and key
   names), base width (default 64 -> stages 64, 128, 256, 512; other widths don't fit
   pretrained weights).
+* ``resnet18_cifar``: ResNet-18 with the CIFAR stem (3x3 stride-1 conv1, no max-pool), C2D's and
+  SupContrast's CIFAR network, torchvision names (``fc``); base width (default 64).
 * ``resnet18_mlp``, ``resnet50_mlp``: the same bodies with Jo-SRC's MLP head (feature size
   d -> 2d -> classes) instead of ``fc``; ``--pretrained`` loads an ImageNet ResNet's body.
 * ``inception_resnet_v2``: DivideMix's WebVision network (fixed widths: ``width`` must be
@@ -35,7 +37,7 @@ from cdmix.errors import UserError
 from cdmix.models.inception_resnet_v2 import inception_resnet_v2
 from cdmix.models.josrc_cnn import josrc_cnn
 from cdmix.models.preact_resnet import preact_resnet18
-from cdmix.models.resnet import resnet18, resnet34, resnet50
+from cdmix.models.resnet import resnet18, resnet18_cifar, resnet34, resnet50
 from cdmix.models.resnet_mlp import resnet18_mlp, resnet50_mlp
 from cdmix.models.small import small_cnn
 from cdmix.models.timm_models import PREFIX as _TIMM_PREFIX
@@ -52,6 +54,7 @@ _REGISTRY: dict[str, _Builder] = {
     "small_cnn": small_cnn,
     "josrc_cnn": josrc_cnn,
     "resnet18": resnet18,
+    "resnet18_cifar": resnet18_cifar,
     "resnet34": resnet34,
     "resnet50": resnet50,
     "resnet18_mlp": resnet18_mlp,

@@ -6,6 +6,8 @@ dicts load with ``strict=True`` apart from ``fc`` when the class count differs
 (see :func:`cdmix.models.pretrained.load_pretrained`):
 
 * stem ``conv1`` (7x7, stride 2, no bias) -> ``bn1`` -> ``relu`` -> ``maxpool`` (3x3, stride 2);
+  ``resnet18_cifar``: the CIFAR stem of C2D / SupContrast instead, ``conv1`` 3x3 stride 1 and
+  ``maxpool`` an ``nn.Identity`` (no parameters, so the names are the same);
 * ``layer1``..``layer4`` of ``BasicBlock`` (ResNet-18/34) or ``Bottleneck`` (ResNet-50),
   the first block of layers 2-4 with stride 2; a block whose shape changes has a
   projection shortcut ``downsample`` = ``Sequential(conv1x1 (stride), BN)``;
@@ -100,12 +102,16 @@ class ResNet(nn.Module):
         in_channels: int = 3,
         width: int = 64,
         zero_init_residual: bool = False,
+        cifar_stem: bool = False,
     ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        if cifar_stem:  # SupContrast's / C2D's CIFAR ResNet: 3x3 stride-1 conv1, no max-pool (total stride 8)
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.maxpool = nn.Identity() if cifar_stem else nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         in_ch = width
         stages = []
         for i, n in enumerate(num_blocks):
@@ -152,6 +158,15 @@ class ResNet(nn.Module):
 def resnet18(num_classes: int, in_channels: int = 3, width: int | None = None) -> ResNet:
     """ResNet-18 (BasicBlock, 2-2-2-2); ``width`` is the base width, default 64."""
     return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width or 64)
+
+
+def resnet18_cifar(num_classes: int, in_channels: int = 3, width: int | None = None) -> ResNet:
+    """ResNet-18 with the CIFAR stem: the network of C2D's CIFAR runs and of SupContrast's SimCLR
+    (``models/resnet.py`` there: conv1 3x3 stride 1 padding 1, no max-pool, BasicBlocks 2-2-2-2, global
+    average pool), with torchvision's parameter names (``downsample`` where theirs say ``shortcut``;
+    ``fc`` the classifier, as their ``SupCEResNet``). ``width``: base width, default 64."""
+    return ResNet(BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, width=width or 64,
+                  cifar_stem=True)
 
 
 def resnet34(num_classes: int, in_channels: int = 3, width: int | None = None) -> ResNet:

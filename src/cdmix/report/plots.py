@@ -9,6 +9,8 @@ is left out) back. Each is left out, with the reason on the page, when the run h
   training   learning rate, lambda_u_eff and the loss terms per epoch
   seconds    seconds per phase per epoch (stacked bars)
   confusion  given vs predicted label of the most suspicious samples (label_issues.csv)
+  knn        a `cdmix pretrain` run (no classifier; only knn, training, seconds and confusion): the
+             NT-Xent loss and the kNN monitor's accuracy per epoch
 
 Matplotlib is used through its Agg canvas directly (no pyplot), so making a report never changes
 the backend of an interactive session.
@@ -133,8 +135,42 @@ def _epoch_lines(ax, run: RunData, keys: list[str], title: str, ylabel: str, emp
 # --------------------------------------------------------------------------- the plots
 def run_plots(run: RunData, top: int | None = None) -> list[Plot]:
     """Every plot of one run, in page order; ``top``: samples in the confusion matrix."""
+    if run.summary.get("pretraining"):  # no classifier: no accuracy, selection, warm-up or division
+        return [plot_knn(run), plot_training(run), plot_seconds(run), plot_confusion(run, top)]
     return [plot_accuracy(run), plot_selection(run), plot_warmup(run), plot_loss_hist(run), plot_training(run),
             plot_seconds(run), plot_confusion(run, top)]
+
+
+def plot_knn(run: RunData) -> Plot:
+    """A pretraining run: the NT-Xent loss per epoch and the kNN monitor's test accuracy where measured."""
+    plot = Plot("knn", "Pretraining: NT-Xent loss and kNN accuracy per epoch")
+    rows = run.metrics
+    loss_key = "nt_xent" if has_data(rows, "nt_xent") else "train_loss"
+    if not has_data(rows, loss_key) and not has_data(rows, "knn_acc"):
+        plot.missing = "metrics.csv has no nt_xent or knn_acc values"
+        return plot
+    fig = _figure(11, 4.2)
+    ax_loss, ax_knn = fig.subplots(1, 2)
+    x = epochs_axis(rows)
+    _epoch_lines(ax_loss, run, [loss_key] if has_data(rows, loss_key) else [], "NT-Xent loss (mean over the steps)",
+                 "loss", "no loss column")
+    knn = column(rows, "knn_acc")
+    measured = np.isfinite(knn)
+    if measured.any():
+        ax_knn.plot(x[measured], knn[measured], color="C2", lw=2, marker="o", ms=4, label="kNN accuracy (test split)")
+        last = np.flatnonzero(measured)[-1]
+        ax_knn.set_title(f"kNN accuracy of the test split: last {knn[last]:.2f}% (epoch {x[last]:.0f})", fontsize=10)
+        ax_knn.set_ylabel("accuracy (%)")
+        ax_knn.legend(fontsize=8, loc="lower right")
+        _integer_epochs(ax_knn)
+    else:
+        _empty_panel(ax_knn, "no kNN accuracy\n(no test split, or the monitor never ran)")
+    plot.png = _png_bytes(fig)
+    plot.caption = ("Left: the NT-Xent loss of the two views (SupContrast's scale aside). Right: weighted kNN "
+                    "accuracy (k = --knn-k, vote weight exp(cosine / --knn-temperature)) of the test images against "
+                    "the training images and their given labels, in the encoder's feature space, every --knn-every "
+                    "epochs and at the last; chance is 100 / classes.")
+    return plot
 
 
 def plot_warmup(run: RunData) -> Plot:

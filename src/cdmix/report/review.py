@@ -166,7 +166,7 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
     """Write the review page of the ``top`` most suspicious samples; returns its path
     (default ``RUN_DIR/issues.html``, replaced when it exists; another existing file only with
     ``overwrite``, see ``review_page_path``)."""
-    from cdmix.issues import collapse_caution, display_names, rank_label_issues
+    from cdmix.issues import collapse_caution, display_names, rank_label_issues, score_note
 
     run_dir = Path(run_dir)
     path = review_page_path(run_dir, out, overwrite)
@@ -201,7 +201,9 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
                 "files": run_data_root(run_dir) is not None}
     n_flagged = int(issues.flagged.sum())
     title = f"cdmix label review: {run_dir.resolve().name}"
-    caution = collapse_caution(runs.read_summary(run_dir)) if (run_dir / runs.SUMMARY).is_file() else None
+    summary = runs.read_summary(run_dir) if (run_dir / runs.SUMMARY).is_file() else {}
+    caution = " ".join(line for line in (score_note(summary), collapse_caution(summary)) if line) or None
+    knn = score_note(summary) is not None  # a `cdmix pretrain` run: kNN disagreement, no classifier
     body = (f"<h1>{html.escape(title)}</h1><p class=sub>{html.escape(str(run_dir.resolve()))} · the {k} most "
             f"suspicious of {len(issues)} training images, most suspicious first · {n_flagged} flagged "
             f"(clean prob &lt; 0.5, orange)</p>"
@@ -213,8 +215,12 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
             '<span class="note">every training image with the choices below applied (flagged ones start as '
             '"drop"); paths are relative to the data folder</span></div>'
             f'<div class="grid">{"".join(cards)}</div>'
-            '<p class="note">issue score = 1 − the final nets\' probability of the given label (the ranking); clean '
-            "prob = the loss GMM's probability that the given label is right. See README.txt in the run folder.</p>")
+            + ('<p class="note">issue score = the share of the image\'s nearest training neighbours (in the '
+               "self-supervised encoder's feature space) whose given label differs (the ranking); clean prob = 1 − "
+               "that share; predicted = the neighbours' majority class. See README.txt in the run folder.</p>" if knn
+               else '<p class="note">issue score = 1 − the final nets\' probability of the given label (the '
+               "ranking); clean prob = the loss GMM's probability that the given label is right. See README.txt in "
+               "the run folder.</p>"))
     data_json = json_for_html(all_data)  # no "<": a class named <!--<script> cannot end the block
     page = (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><main>{body}</main>"
