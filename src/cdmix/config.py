@@ -105,7 +105,7 @@ class Config:
                                  CIFARN_LABEL_SETS)
     label_file: str | None = setting(None, "data", "path of CIFAR-10_human.pt / CIFAR-100_human.pt")
     download: bool = setting(False, "data", "download CIFAR / CIFAR-N files when missing (never done without this flag)")
-    image_size: int | None = setting(None, "data", "folder/csv images: short side resized to this size, center "
+    image_size: int | None = setting(None, "data", "folder/csv/hf images: short side resized to this size, center "
                                      "crop (default 32; see `cdmix prepare` for large data)",
                                      bounds="[1, inf)")
     normalization: str | None = setting(None, "data", "per-channel normalisation: the dataset's own statistics, "

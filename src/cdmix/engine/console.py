@@ -88,7 +88,7 @@ def print_data_line(config: Config, data) -> None:
     extra = "".join(f" + {name} {len(labels)}" for name, (_, labels) in raw.extra_tests.items())
     text = (f"data: {config.dataset}  train {len(data.train_pos)}  val {val}  "
             f"test {len(raw.test_labels)}{extra}  classes {raw.num_classes}  image {raw.image_size}px")
-    if config.dataset in ("folder", "csv"):
+    if config.dataset in ("folder", "csv", "hf"):
         text += " (your files, resized; --image-size to change)"
     if config.crop_size != raw.image_size or config.random_resized_crop:
         text += f" (crop {config.crop_size}{', random-resized' if config.random_resized_crop else ''})"

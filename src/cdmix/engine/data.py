@@ -16,7 +16,7 @@ from cdmix import runs
 from cdmix.atomic import atomic_write
 from cdmix.config import Config, noise_setting, normalization_for
 from cdmix.data.noise import apply_noise
-from cdmix.data.sources import load_source
+from cdmix.data.sources import SourceSettings, load_source
 from cdmix.data.types import RawData
 from cdmix.errors import UserError
 
@@ -40,10 +40,7 @@ def load_data(config: Config, raw: RawData | None = None) -> PreparedData:
     """Source arrays (``raw``, or the config's dataset) with the run's label noise applied and the
     validation part split off."""
     if raw is None:
-        raw = load_source(config.dataset, config.data_path, labels=config.labels, label_file=config.label_file,
-                          download=config.download, image_size=config.image_size, seed=config.seed,
-                          progress=config.progress, extra_data_path=config.extra_data_path,
-                          clean_train=config.clean_train)
+        raw = load_source(SourceSettings.from_config(config))
     noise_mode, noise_rate = noise_setting(config) or (None, 0.0)
     if config.open_set_classes:
         from cdmix.data.openset import held_out_classes

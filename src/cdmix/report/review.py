@@ -129,7 +129,10 @@ def _train_images(run_dir: Path, index: np.ndarray, ids: np.ndarray | None) -> t
     c = _config(run_dir)
     try:
         raw = load_source(c["dataset"], c["data_path"], labels=c.get("labels"), label_file=c.get("label_file"),
-                          image_size=c.get("image_size"), seed=c.get("seed", 0), progress=False)
+                          image_size=c.get("image_size"), seed=c.get("seed", 0), progress=False,
+                          extra_data_path=c.get("extra_data_path"), clean_train=bool(c.get("clean_train")),
+                          hf_image_column=c.get("hf_image_column") or "image",
+                          hf_label_column=c.get("hf_label_column") or "label")
         if len(raw.train_labels) <= int(index.max(initial=0)):
             raise UserError(f"the data has changed ({len(raw.train_labels)} training images now)")
         check_data_unchanged(run_dir, SimpleNamespace(raw=raw), training=True)  # the training images too

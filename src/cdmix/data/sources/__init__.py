@@ -15,9 +15,11 @@
 - ``realworld``: ``clothing1m``, ``webvision``, ``food101n``, ``animal10n`` in their official layouts
   (read by ``cdmix.data.realworld``), with Clothing1M's clean validation set and WebVision's
   ILSVRC2012 test set.
+- ``hf``: a Hugging Face dataset (``save_to_disk`` folder, parquet or imagefolder files) through the
+  optional ``datasets`` package; its Image and label columns by name, ids from an ``id`` column.
 - ``normalization``: the published mean / std constants; ``cache``: where decoded images are kept.
 
-``folder`` / ``csv`` / real-world images are decoded once into an image store (``cdmix.data.store``) in
+``folder`` / ``csv`` / ``hf`` / real-world images are decoded once into an image store (``cdmix.data.store``) in
 ``<data>/.cdmix_cache/`` and read from it by index; a large ``npz`` goes through a store too.
 Every mistake a user can make raises :class:`cdmix.errors.UserError` with a one-line message.
 """
@@ -38,6 +40,7 @@ from cdmix.data.sources.common import (DEFAULT_IMAGE_SIZE, SourceSettings, check
 from cdmix.data.sources.digits import load_digits
 from cdmix.data.sources.download import download_file, extract_tar, file_md5, verify_md5
 from cdmix.data.sources.files import is_image, load_csv, load_folder, scan_csv, scan_folder
+from cdmix.data.sources.hf import load_hf
 from cdmix.data.sources.normalization import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD,
                                               CLOTHING1M_MEAN, CLOTHING1M_STD, IMAGENET_MEAN, IMAGENET_STD)
 from cdmix.data.sources.npz import load_npz, npz_headers, npz_store
@@ -73,6 +76,7 @@ LOADERS: dict[str, Loader] = {
     "store": load_store,
     **{name: load_realworld_source for name in REALWORLD_IMAGE_SIZES},
     "arrays": _load_arrays,
+    "hf": load_hf,
 }
 """Dataset name -> loader; every name of ``cdmix.config.DATASETS`` has one."""
 
@@ -82,7 +86,7 @@ def load_source(dataset: str | SourceSettings, data_path: str = "", **settings) 
 
     Either one :class:`SourceSettings`, or the dataset name, its path and any other field of
     ``SourceSettings`` as keywords (``labels``, ``label_file``, ``download``, ``image_size``, ``seed``,
-    ``cache_dir``, ``progress``, ``extra_data_path``, ``clean_train``).
+    ``cache_dir``, ``progress``, ``extra_data_path``, ``clean_train``, ``hf_image_column``, ``hf_label_column``).
     """
     if not isinstance(dataset, SourceSettings):
         dataset = SourceSettings(dataset, data_path, **settings)

@@ -23,7 +23,8 @@ class SourceSettings:
     ``image_size`` and ``cache_dir``: sources decoded into an image store (folder, csv, the
     real-world sets; ``None``: their default size); ``extra_data_path``: WebVision's ImageNet,
     Food-101N's Food-101 folder; ``clean_train``: Clothing1M; ``seed``: the test split of sources
-    that have none (digits, folder and csv without one, stores).
+    that have none (digits, folder and csv without one, stores, hf); ``hf_image_column`` /
+    ``hf_label_column``: the columns of a Hugging Face dataset.
     """
 
     dataset: str
@@ -37,6 +38,8 @@ class SourceSettings:
     progress: bool = True
     extra_data_path: str | None = None
     clean_train: bool = False
+    hf_image_column: str = "image"
+    hf_label_column: str = "label"
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> "SourceSettings":
@@ -44,7 +47,8 @@ class SourceSettings:
         fields = dict(dataset=config.dataset, data_path=config.data_path, labels=config.labels,
                       label_file=config.label_file, download=config.download, image_size=config.image_size,
                       seed=config.seed, progress=config.progress, extra_data_path=config.extra_data_path,
-                      clean_train=config.clean_train)
+                      clean_train=config.clean_train, hf_image_column=config.hf_image_column,
+                      hf_label_column=config.hf_label_column)
         return cls(**{**fields, **overrides})
 
 
