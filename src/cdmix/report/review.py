@@ -1,6 +1,8 @@
 """The review page of a run's suspected label errors (``cdmix issues RUN --html``).
 
-One self-contained HTML file: the top suspects as image thumbnails, each with its rank, where it
+One self-contained HTML file: the top suspects as image thumbnails (the user's own file downscaled
+once to ``ORIGINAL_THUMB`` px when it is still there and unchanged, else the store's training copy),
+each with its rank, where it
 lives in the user's data (path or id, else its index), the given class, the nets' predicted class
 and the scores; a choice per image (keep the given label, use the predicted one, or drop the
 image); and a button that downloads the labels of the whole training set with those choices
@@ -26,6 +28,9 @@ from cdmix.safetext import json_for_html, printable
 logger = logging.getLogger("cdmix")
 
 THUMB = 96  # thumbnail side in pixels (small images are enlarged without smoothing)
+# An original image file larger than this is shown downscaled once to fit it (JPEG), instead of the
+# store's copy at the training size (often 32 px: a blur of the user's photo).
+ORIGINAL_THUMB = 128
 
 CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:0;background:#f4f5f7;color:#1d1f23}
@@ -34,7 +39,8 @@ h1{font-size:1.45em;margin:.3em 0 .2em}.sub{color:#667;font-size:.9em;margin:0 0
 .grid{display:flex;flex-wrap:wrap;gap:12px}
 .card{width:200px;border:1px solid #dde;border-radius:6px;padding:8px;font-size:.82em;background:#fafbfc}
 .card.flagged{border-color:#e0a100;background:#fffaf0}
-.card img{width:96px;height:96px;image-rendering:pixelated;display:block;margin:0 auto 6px;border:1px solid #ccd}
+.card img{width:128px;height:128px;object-fit:contain;display:block;margin:0 auto 6px;border:1px solid #ccd;
+background:#fff}.card img.pixels{image-rendering:pixelated}
 .given{color:#b3261e;font-weight:600}.pred{color:#1b6e20;font-weight:600}.id{color:#555;word-break:break-all}
 .card select{width:100%;margin-top:4px}.bar{position:sticky;top:0;background:#fff;padding:8px 0;z-index:1}
 button{font-size:1em;padding:5px 12px}.note{color:#666;font-size:.85em}
@@ -116,11 +122,59 @@ def _thumbnail(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _train_images(run_dir: Path, index: np.ndarray, ids: np.ndarray | None) -> tuple[np.ndarray | None, str]:
-    """The run's training images at ``index`` (its data read again, as training read it), or None and
-    why not: the data cannot be read, or it is not what the run was trained on (another number of
-    images, labels, test split (``cdmix.engine.check_data_unchanged``), or other names at ``index``
-    than ``ids``, the ids of label_issues.csv): a thumbnail must show the image named under it."""
+def _original_thumbnail(path: Path) -> tuple[str, bool]:
+    """(a data URL of the image file ``path`` to show, whether it is a photo downscaled once to fit
+    ``ORIGINAL_THUMB`` (JPEG) rather than a small image enlarged without smoothing (PNG)); decoded
+    as the store decodes (EXIF rotation, RGB, the pixel cap); raises on an unreadable file."""
+    from PIL import Image, ImageOps
+
+    from cdmix.data.decode import max_decoded_pixels, to_rgb
+
+    with Image.open(path) as img:
+        img.draft("RGB", (ORIGINAL_THUMB, ORIGINAL_THUMB))  # JPEG: decode at the smallest scale >= the thumbnail
+        if img.width * img.height > max_decoded_pixels(ORIGINAL_THUMB):
+            raise ValueError(f"{img.width} x {img.height} pixels")
+        img = to_rgb(ImageOps.exif_transpose(img))
+    if max(img.size) <= ORIGINAL_THUMB:
+        return "data:image/png;base64," + _thumbnail(np.asarray(img)), False
+    img.thumbnail((ORIGINAL_THUMB, ORIGINAL_THUMB), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), True
+
+
+def _originals(run_dir: Path, raw, ids: np.ndarray | None) -> list[tuple[str, bool] | None]:
+    """Per name of ``ids``: ``_original_thumbnail`` of the user's file (folder / csv data) when it is
+    still there with the size and change time the image store recorded for it, else None (the
+    store's copy is shown instead)."""
+    import os
+
+    from cdmix.data.store import SAMPLES, Samples, StoreView, _changed_ns
+
+    root = run_data_root(run_dir)
+    if ids is None or root is None or not isinstance(raw.train_images, StoreView):
+        return [None] * (0 if ids is None else len(ids))
+    samples = Samples.read_csv(Path(raw.train_images.reader.path).parent / SAMPLES)
+    recorded = {n: (b, m) for n, b, m in zip(samples.names, samples.bytes, samples.mtimes)}
+    found: list[tuple[str, bool] | None] = []
+    for name in ids:
+        try:
+            stat = os.stat(root / str(name))
+            if recorded.get(str(name)) != (stat.st_size, _changed_ns(stat)):
+                raise ValueError("changed since the store was built")
+            found.append(_original_thumbnail(root / str(name)))
+        except Exception:  # gone, changed or unreadable: the store's copy is shown
+            found.append(None)
+    return found
+
+
+def _train_images(run_dir: Path, index: np.ndarray, ids: np.ndarray | None
+                  ) -> tuple[np.ndarray | None, list[tuple[str, bool] | None], str]:
+    """The run's training images at ``index`` (its data read again, as training read it), with
+    ``_originals`` of ``ids``, or None, [] and why not: the data cannot be read, or it is not what the
+    run was trained on (another number of images, labels, test split (``cdmix.engine.check_data_unchanged``),
+    or other names at ``index`` than ``ids``, the ids of label_issues.csv): a thumbnail must show the
+    image named under it."""
     from types import SimpleNamespace
 
     from cdmix.data.sources import load_source
@@ -137,19 +191,25 @@ def _train_images(run_dir: Path, index: np.ndarray, ids: np.ndarray | None) -> t
             raise UserError(f"the data has changed ({len(raw.train_labels)} training images now)")
         check_data_unchanged(run_dir, SimpleNamespace(raw=raw), training=True)  # the training images too
     except UserError as exc:
-        return None, str(exc)
+        return None, [], str(exc)
     saved = runs.read_labels(run_dir)
     now = None if raw.train_ids is None else np.asarray(raw.train_ids, dtype=str)
     before = saved.get("train_ids")
     if (before is not None and (now is None or not np.array_equal(np.asarray(before, dtype=str), now))) or (
             ids is not None and (now is None or not np.array_equal(now[index], np.asarray(ids, dtype=str)))):
-        return None, ("the data's file names differ from those the run was trained on (files renamed, added or "
+        return None, [], ("the data's file names differ from those the run was trained on (files renamed, added or "
                       "removed since training)")
     order = np.argsort(index)
     images = np.asarray(raw.train_images[index[order]])
     out = np.empty_like(images)
     out[order] = images
-    return out, ""
+    return out, _originals(run_dir, raw, ids), ""
+
+
+def _img_tag(original: tuple[str, bool] | None, stored: np.ndarray) -> str:
+    """The card's picture: the original file's thumbnail, else the store's copy enlarged."""
+    url, photo = original if original is not None else ("data:image/png;base64," + _thumbnail(stored), False)
+    return f'<img alt="" class="{"original" if photo else "pixels"}" src="{url}">'
 
 
 def review_page_path(run_dir: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
@@ -176,7 +236,7 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
     issues = rank_label_issues(run_dir)
     class_names = run_class_names(run_dir)
     k = min(top, len(issues))
-    images, why_not = _train_images(run_dir, issues.index[:k], None if issues.ids is None else issues.ids[:k])
+    images, originals, why_not = _train_images(run_dir, issues.index[:k], None if issues.ids is None else issues.ids[:k])
     if images is None:
         logger.warning(printable(f"the review page has no thumbnails: {why_not}"))
     given, predicted, true = display_names(issues)
@@ -192,7 +252,7 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
                                        ("drop", "drop this image")))
         cards.append(
             f'<div class="card{" flagged" if flagged else ""}">'
-            + ("" if images is None else f'<img alt="" src="data:image/png;base64,{_thumbnail(images[i])}">')
+            + ("" if images is None else _img_tag(originals[i] if i < len(originals) else None, images[i]))
             + f'<div>#{i + 1}{" · flagged" if flagged else ""}{scored}</div>'
             f'<div class="id">{where}</div><div>given: <span class="given">{html.escape(given[i])}</span></div>'
             f'<div>predicted: <span class="pred">{html.escape(predicted[i])}</span></div>{truth}'
