@@ -102,9 +102,17 @@ def print_end(result) -> None:
     if getattr(result, "end_text", None) is not None:  # a method that is no classifier says its own
         print("\n".join(result.end_text))
         return
+    from cdmix.report.rundata import selected_test_accuracy
+
     s = result.summary
+    selected = selected_test_accuracy(s)
     if s.get("test_acc_best") is None:
         print("test accuracy: not measured (no test set)")
+    elif selected is not None:  # first the figure a paper that selects on validation reports
+        print(f"test accuracy: {selected:.2f}% at epoch {s['selected_epoch']}, the epoch the "
+              f"{'clean ' if s.get('val_set') else ''}validation set chose (best.pt); on the test set itself: "
+              f"best {s['test_acc_best']:.2f}% (epoch {s['test_acc_best_epoch']}, picked on test: optimistic), "
+              f"last {s['test_acc_last']:.2f}%")
     else:
         print(f"test accuracy: best {s['test_acc_best']:.2f}% (epoch {s['test_acc_best_epoch']}), "
               f"last {s['test_acc_last']:.2f}%")
@@ -178,6 +186,8 @@ def cmd_presets(args) -> int:
         print(f"{name:34s} {info.get('published', '-'):24s} {info.get('description', '')}")
         if "backbone" in info or "weights" in info:  # the real-world presets: what network and weights file
             print(f"{'':34s} backbone: {info.get('backbone', '-')}; weights: {info.get('weights', '-')}")
+        if "compare" in info:  # which of a run's figures the published one is
+            print(f"{'':34s} compare the published figure with: {info['compare']}")
     return 0
 
 
@@ -401,7 +411,8 @@ def add_report_parsers(sub) -> None:
 
     p = sub.add_parser(
         "compare", help="summaries of runs side by side; flags runs that ended > 2 points below their best",
-        description="Print the summaries of the runs as a table: dataset, method, epochs, best and last test "
+        description="Print the summaries of the runs as a table: dataset, method, epochs, the test accuracy at the "
+                    "epoch a validation set chose ('selected'), best and last test "
                     "accuracy, best - last, noise rate nominal and actual, seconds. Runs whose best - last exceeds "
                     "2 points are marked '!'.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="cdmix run folder(s)")

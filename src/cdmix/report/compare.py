@@ -7,11 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cdmix.report.rundata import acc, num, pct, read_summary, run_folders, run_names
+from cdmix.report.rundata import acc, num, pct, read_summary, run_folders, run_names, selected_test_accuracy
 
 DROP_FLAG_POINTS = 2.0  # compare/report flag runs whose best - last test accuracy exceeds this
 
-COMPARE_COLUMNS = ("!", "run", "dataset", "method", "epochs", "best", "last", "best-last", "noise nominal",
+COMPARE_COLUMNS = ("!", "run", "dataset", "method", "epochs", "selected", "best", "last", "best-last", "noise nominal",
                    "noise actual", "seconds")
 LEFT_ALIGNED = {"!", "run", "dataset", "method"}
 
@@ -33,6 +33,7 @@ def summary_row(name: str, summary: dict[str, Any]) -> dict[str, str]:
         "dataset": str(summary.get("dataset") or "-"),
         "method": str(summary.get("method") or "-"),
         "epochs": epochs,
+        "selected": acc(selected_test_accuracy(summary)),
         "best": acc(summary.get("test_acc_best")),
         "last": acc(summary.get("test_acc_last")),
         "best-last": acc(drop),
@@ -75,7 +76,9 @@ def format_table(rows: list[dict[str, str]], markdown: bool = False) -> str:
 def compare_runs(run_dirs: Sequence[str | Path] | str | Path, markdown: bool = False) -> str:
     """The summaries of ``run_dirs`` side by side as a plain-text (or Markdown) table.
 
-    Columns: run, dataset, method, epochs (done/planned), best and last test accuracy (%), best - last
+    Columns: run, dataset, method, epochs (done/planned), "selected": the test accuracy at the epoch a
+    validation set chose (the figure to compare with a paper that selects on validation; '-' when the
+    test set chose), best and last test accuracy (%), best - last
     (points), noise rate nominal and actual, seconds. Runs whose best - last exceeds 2 points get a
     ``!`` and are named in a line under the table. Raises UserError for a folder that is not a run.
     """

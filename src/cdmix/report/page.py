@@ -19,7 +19,8 @@ from cdmix.atomic import atomic_write, refuse_inputs
 from cdmix.errors import UserError
 from cdmix.report.compare import COMPARE_COLUMNS, DROP_FLAG_POINTS, LEFT_ALIGNED, accuracy_drop, flag_line, summary_row
 from cdmix.report.plots import Plot, plot_accuracy_runs, run_plots
-from cdmix.report.rundata import RunData, acc, format_seconds, load_run, num, pct, run_folders, run_names
+from cdmix.report.rundata import (RunData, acc, format_seconds, load_run, num, pct, run_folders, run_names,
+                                  selected_test_accuracy)
 
 DEFAULT_PAGE = "report.html"
 
@@ -80,6 +81,10 @@ def key_facts(run: RunData) -> list[tuple[str, str]]:
         facts.insert(4, ("warm-up", f"{s['warmup_epochs']} epoch(s), {s.get('warmup_rule', 'fixed')}"))
     if s.get("selected_by"):
         facts.append(("best.pt chosen by", f"{s['selected_by']} (epoch {int(s.get('selected_epoch', 0))})"))
+    selected = selected_test_accuracy(s)
+    if selected is not None:  # the figure to set beside a published one selected on validation
+        facts.insert(4, ("test accuracy at the selected epoch", f"{acc(selected)}% (epoch {s['selected_epoch']}, "
+                                                                 "chosen on validation; compare this with a paper)"))
     return facts
 
 

@@ -174,6 +174,15 @@ def format_seconds(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def selected_test_accuracy(summary: dict[str, Any]) -> float | None:
+    """Test accuracy at the epoch a validation set chose (best.pt), the figure comparable with a paper's
+    that selected on validation (Clothing1M); None when the test set itself chose, or none was scored."""
+    if summary.get("selected_by") != "val_acc":
+        return None
+    value = (summary.get("test_at_selected_epoch") or {}).get("test_acc")
+    return None if value is None or not math.isfinite(num(value)) else float(value)
+
+
 def pct(value: Any) -> str:
     """A fraction as a percentage ('-' when unknown)."""
     v = num(value)
