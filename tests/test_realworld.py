@@ -189,6 +189,15 @@ def test_webvision_mini(webvision: Path) -> None:
     assert paths[1].name == "ILSVRC2012_val_00000010.JPEG"
 
 
+def test_webvision_without_imagenet_folder_says_so_once(webvision: Path, caplog) -> None:
+    shutil.rmtree(webvision / "imagenet")
+    with caplog.at_level("WARNING", logger="cdmix"):
+        data = read_webvision(webvision, num_classes=3)
+    assert data.extra_tests == {}
+    said = [r.getMessage() for r in caplog.records if "ILSVRC2012" in r.getMessage()]
+    assert len(said) == 1 and str(webvision / "imagenet") in said[0] and "--extra-data-path" in said[0]
+
+
 def test_webvision_imagenet_folders_by_class_id_and_no_synsets(webvision: Path, tmp_path: Path) -> None:
     # DivideMix's own layout: ImageNet val images sorted into folders named 0, 1, 2, ...
     imagenet = tmp_path / "ilsvrc"

@@ -393,6 +393,9 @@ def read_webvision(root: str | Path, imagenet_root: str | Path | None = None, nu
     if imagenet_root is not None or (root / "imagenet").is_dir():
         extra["imagenet"] = _imagenet_val(Path(imagenet_root if imagenet_root is not None else root / "imagenet"),
                                           wnids, num_classes)
+    else:  # said once, here at the start: the run has no test_acc_imagenet column, and nothing else says so
+        log.warning(f"no ILSVRC2012 validation folder at {root / 'imagenet'}: the second test set (ImageNet val of "
+                    "the 50 classes, test_acc_imagenet) is left out; give --extra-data-path ILSVRC2012_FOLDER to score it")
     return ImageList(
         train_paths=_join(root, train_rel), train_labels=train_labels,
         test_paths=_join(val_base, val_rel), test_labels=val_labels,
