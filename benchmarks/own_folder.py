@@ -60,6 +60,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--methods", default="standard,dividemix")
+    parser.add_argument("--pretrain-epochs", type=int, default=0,
+                        help="first `cdmix pretrain` on the folder for this many epochs, then a kNN-alone row and "
+                             "every method from the encoder too (0: from scratch only)")
+    parser.add_argument("--pretrain-batch", type=int, default=256)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="another Config field for every run (e.g. --set warmup_min_steps=100)")
     args = parser.parse_args()
@@ -73,21 +77,39 @@ def main() -> None:
         print(f"{n} images of {len(CLASSES)} classes, {len(flipped)} in a wrong class folder", flush=True)
         print("| images | method | epochs | warm-up (auto) | flipped (train) | precision@K | ROC-AUC | flagged | "
               "flagged precision | test acc last | scored with epoch | seconds |\n" + "|---" * 12 + "|", flush=True)
-        for method in args.methods.split(","):
+        starts: list[tuple[str, str | None]] = [("", None)]
+        if args.pretrain_epochs:
             t0 = time.perf_counter()
-            epochs = args.epochs or 100
-            result = cdmix.train(cdmix.Config(dataset="folder", data_path=str(root), method=method,
-                                              width=args.width, epochs=epochs, val_fraction=0.0, seed=args.seed,
-                                              out=str(Path(tmp) / method), progress=False, **extra))
-            seconds = time.perf_counter() - t0
-            issues = cdmix.rank_label_issues(result.run_dir)
-            wrong = np.asarray([i in flipped for i in issues.ids])
-            auc, p_at_k = ranking_quality(issues.issue_score, wrong)
-            flagged = issues.flagged
-            print(f"| {n} | {method} | {epochs} | {result.summary.get('warmup_epochs') or '-'} | "
-                  f"{int(wrong.sum())} | {p_at_k:.2f} | {auc:.3f} | {int(flagged.sum())} | "
-                  f"{wrong[flagged].mean() if flagged.any() else float('nan'):.2f} | "
-                  f"{result.test_acc_last:.1f} | {result.summary['scored_epoch']} | {seconds:.0f} |", flush=True)
+            encoder = cdmix.pretrain(dataset="folder", data_path=str(root), width=args.width,
+                                     epochs=args.pretrain_epochs, batch_size=args.pretrain_batch, seed=args.seed,
+                                     out=str(Path(tmp) / "encoder"), progress=False)
+            row(n, f"kNN alone ({args.pretrain_epochs} pretraining epochs)", args.pretrain_epochs, encoder.run_dir,
+                encoder.summary, flipped, time.perf_counter() - t0, test_acc=None)
+            starts.append((" from encoder", str(encoder.run_dir)))
+        for method in args.methods.split(","):
+            for label, pretrained in starts:
+                t0 = time.perf_counter()
+                epochs = args.epochs or 100
+                result = cdmix.train(cdmix.Config(dataset="folder", data_path=str(root), method=method,
+                                                  width=args.width, epochs=epochs, val_fraction=0.0, seed=args.seed,
+                                                  out=str(Path(tmp) / f"{method}{label.replace(' ', '_')}"),
+                                                  progress=False, pretrained=pretrained, **extra))
+                row(n, method + label, epochs, result.run_dir, result.summary, flipped, time.perf_counter() - t0,
+                    test_acc=result.test_acc_last)
+
+
+def row(n: int, name: str, epochs: int, run_dir: Path, summary: dict, flipped: set[str], seconds: float,
+        test_acc: float | None) -> None:
+    """One table row: how the run's label_issues.csv ranks the flipped files."""
+    issues = cdmix.rank_label_issues(run_dir)
+    wrong = np.asarray([i in flipped for i in issues.ids])
+    auc, p_at_k = ranking_quality(issues.issue_score, wrong)
+    flagged = issues.flagged
+    print(f"| {n} | {name} | {epochs} | {summary.get('warmup_epochs') or '-'} | "
+          f"{int(wrong.sum())} | {p_at_k:.2f} | {auc:.3f} | {int(flagged.sum())} | "
+          f"{wrong[flagged].mean() if flagged.any() else float('nan'):.2f} | "
+          f"{'-' if test_acc is None else f'{test_acc:.1f}'} | {summary.get('scored_epoch', '-')} | {seconds:.0f} |",
+          flush=True)
 
 
 if __name__ == "__main__":
