@@ -192,7 +192,9 @@ def load_encoder(net: nn.Module, path: str | Path) -> str:
     check_structure(path)  # cheap, before the file is read
     state = _read_state_dict(path)
     head = classifier_name(net)
-    if any(k.startswith(f"{head}.") for k in state):
+    # An ImageNet file's fc in a model with its own head (resnet18_mlp: Jo-SRC's presets) is skipped there too.
+    imagenet_fc = getattr(net, "fresh_head", None) and "fc.weight" in state and "fc.weight" not in net.state_dict()
+    if imagenet_fc or any(k.startswith(f"{head}.") for k in state):
         return load_pretrained(net, path)
     check_finite(path, state)
     own = {k: v for k, v in net.state_dict().items() if not k.startswith(f"{head}.")}
