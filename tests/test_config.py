@@ -102,7 +102,9 @@ def test_user_error_is_a_value_error():
 def test_faithful_presets_run_in_fp32_and_others_default_to_bf16_on_cuda():
     for name in preset_names():
         if name.startswith(("dividemix-", "josrc-")):
-            config = build_config(preset=name)  # at the preset's own image size (the real-world ones crop 224 of 256)
+            # at the preset's own image size (the real-world ones crop 224 of 256); "none": resolve() would fetch
+            # the real-world presets' torchvision weights
+            config = build_config(preset=name, pretrained="none")
             resolved = resolve(config, num_classes=10, image_size=config.image_size or 32)
             assert resolved.amp is False, name
     assert build_config(preset="dividemix-cifar10-sym50", amp=True).amp is True  # --amp still turns it on

@@ -530,7 +530,7 @@ def test_dividemix_clothing1m_preset_run(tmp_path: Path, one_thread) -> None:
 
     root = _clothing_tree(tmp_path / "c1m")
     config = build_config(preset="dividemix-clothing1m", data_path=str(root), out=str(tmp_path / "run"),
-                          model="resnet18", epochs=3, lr_step=2, epoch_subset_batches=2, batch_size=4, **TINY)
+                          model="resnet18", pretrained="none", epochs=3, lr_step=2, epoch_subset_batches=2, batch_size=4, **TINY)
     trainer = start_run(config)
     try:
         trainer.run()
@@ -616,8 +616,9 @@ def test_josrc_food101n_preset_run(food: Path, tmp_path: Path, one_thread) -> No
     from cdmix import runs
     from cdmix.engine import train
 
-    train(build_config(preset="josrc-food101n", data_path=str(food), out=str(tmp_path / "run"), epochs=2, warmup=1,
-                       batch_size=5, **TINY))
+    # pretrained="none": from scratch, not the preset's torchvision weights (no network here)
+    train(build_config(preset="josrc-food101n", data_path=str(food), out=str(tmp_path / "run"), pretrained="none",
+                       epochs=2, warmup=1, batch_size=5, **TINY))
     rows = _metrics(tmp_path / "run")
     assert len(rows) == 2 and "val_acc" not in rows[0] and "test_top5" not in rows[0]
     summary = runs.read_summary(tmp_path / "run")

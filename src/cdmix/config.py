@@ -150,11 +150,14 @@ class Config:
     # --- model
     model: str | None = setting(None, "model", "preact_resnet18 | wrn28 | small_cnn (default: per dataset)")
     width: int | None = setting(None, "model", "model width (base channels; widen factor for wrn28)", bounds="[1, inf)")
-    pretrained: str | None = setting(None, "model", "start from this local .pth/.pt/.safetensors state dict (e.g. "
-                                     "ImageNet resnet50 weights), or a `cdmix pretrain` run folder or its encoder "
-                                     "file (every net gets the encoder and a fresh classifier; --model, --width and "
-                                     "the normalisation come from its encoder.json); its sha256 is recorded in the "
-                                     "run folder")
+    pretrained: str | None = setting(None, "model", "start from these weights: torchvision:resnet18|resnet34|resnet50"
+                                     "[.IMAGENET1K_V1|.IMAGENET1K_V2] (the official file, downloaded once into "
+                                     "$CDMIX_CACHE, default ~/.cache/cdmix, sha256-checked), timm:NAME (timm's "
+                                     "pretrained loader), a local .pth/.pt/.safetensors state dict, or a `cdmix "
+                                     "pretrain` run folder or its encoder file (every net gets the encoder and a "
+                                     "fresh classifier; --model, --width and the normalisation come from its "
+                                     "encoder.json); none: from scratch, over a preset's default. The file's sha256 "
+                                     "is recorded in the run folder")
     # --- method (DivideMix defaults from REFERENCE §2)
     method: str = setting("dividemix", "method", "training method", METHODS)
     warmup: int | str | None = setting(None, "method", "warm-up epochs of plain cross-entropy, or auto: end it when "
@@ -340,6 +343,8 @@ def build_config(preset: str | None = None, config_file: str | None = None, *, d
         values["preset"] = preset
     values.update(file_values)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if values.get("pretrained") == "none":  # from scratch, over a preset's default weights
+        values["pretrained"] = None
     config = Config.from_dict(values)
     validate(config)
     return config
@@ -453,12 +458,21 @@ def resolve(config: Config, num_classes: int, image_size: int) -> Config:
     if config.schedule == "josrc" and not 0 <= lr_step < epochs:
         raise UserError(f"--schedule josrc decays from --lr-step {lr_step}, which must be below --epochs {epochs}")
     pretrained, encoder = config.pretrained, None
-    if pretrained:
+    from cdmix.models.weights import named_model, timm_name
+
+    if timm_name(pretrained):  # timm's own loader fills timm's model when the nets are built
+        if config.model not in (None, named_model(pretrained)):
+            raise UserError(f"--pretrained {pretrained} is timm's weights for --model {named_model(pretrained)}, "
+                            f"not --model {config.model}; leave out --model or give a weights file")
+    elif pretrained:
         from cdmix.models.encoder import find_encoder
 
-        pretrained, encoder = find_encoder(pretrained)  # a `cdmix pretrain` folder -> its encoder file
+        # torchvision:NAME -> the cached official file (downloaded now, once); a `cdmix pretrain` folder -> its
+        # encoder file
+        pretrained, encoder = find_encoder(pretrained)
         pretrained = str(pretrained)
-    model = config.model or (encoder or {}).get("model") or default_model(config.dataset, image_size)
+    model = (config.model or (encoder or {}).get("model") or named_model(config.pretrained)
+             or default_model(config.dataset, image_size))
     width = config.width
     if encoder is not None:
         width = encoder.get("width") if width is None else width
@@ -505,6 +519,10 @@ def normalization_for(config: Config) -> str:
         return config.normalization
     if not config.pretrained:
         return "dataset"
+    from cdmix.models.weights import is_weights_name
+
+    if is_weights_name(config.pretrained):  # torchvision:/timm: ImageNet weights
+        return "imagenet"
     from cdmix.models.encoder import find_encoder
 
     return "imagenet" if find_encoder(config.pretrained)[1] is None else "encoder"

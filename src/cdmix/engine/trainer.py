@@ -348,9 +348,17 @@ def pretrained_record(run_dir: Path | None, config: Config, write: bool) -> dict
         from cdmix.models.pretrained import sha256_file
 
         from cdmix.models.encoder import find_encoder
+        from cdmix.models.weights import name_of_sha256, timm_name
 
+        if timm_name(config.pretrained):  # timm's loader read them from its own cache: their name says which
+            record = {"pretrained": config.pretrained}
+            if write and run_dir is not None:
+                atomic_write(run_dir / PRETRAINED, json.dumps(record, indent=2) + "\n")
+            return record
         weights, encoder = find_encoder(config.pretrained)
         record = {"pretrained": str(weights.resolve()), "pretrained_sha256": sha256_file(weights)}
+        if name_of_sha256(record["pretrained_sha256"]):  # torchvision's official file (by name, or given by hand)
+            record["pretrained_name"] = name_of_sha256(record["pretrained_sha256"])
         if encoder is not None:  # a `cdmix pretrain` encoder: where it came from (its encoder.json)
             record["pretrained_encoder"] = {k: encoder.get(k) for k in (
                 "run_dir", "model", "width", "in_channels", "epochs", "dataset", "data_path", "train_fingerprint",

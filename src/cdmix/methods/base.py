@@ -119,8 +119,15 @@ def prefetching(images, batches: list[torch.Tensor]):
 
 
 def build_net(config: Config, num_classes: int, in_channels: int) -> torch.nn.Module:
-    net = create_model(config.model, num_classes=num_classes, in_channels=in_channels, width=config.width)
-    if config.pretrained:  # a weights file, or a `cdmix pretrain` encoder (folder or file): a fresh classifier
+    from cdmix.models.weights import timm_name
+
+    if timm_name(config.pretrained):  # --pretrained timm:NAME: timm's own pretrained loader, a fresh classifier
+        from cdmix.models.timm_models import create_timm_model
+
+        net = create_timm_model(timm_name(config.pretrained), num_classes, in_channels, config.width, pretrained=True)
+    else:
+        net = create_model(config.model, num_classes=num_classes, in_channels=in_channels, width=config.width)
+    if config.pretrained and not timm_name(config.pretrained):  # a weights file or a `cdmix pretrain` encoder
         from cdmix.models.encoder import find_encoder, load_encoder
 
         load_encoder(net, find_encoder(config.pretrained)[0])

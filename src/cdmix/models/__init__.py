@@ -18,7 +18,7 @@
 * ``inception_resnet_v2``: DivideMix's WebVision network (fixed widths: ``width`` must be
   None; inputs of at least 75x75).
 
-``timm:NAME`` builds timm's ``NAME`` (no weights downloaded) when the optional timm is
+``timm:NAME`` builds timm's ``NAME`` (its weights only with ``--pretrained timm:NAME``) when the optional timm is
 installed; :func:`model_names` lists only cdmix's own names.
 
 All models end in adaptive average pooling, so any input of at least 8x8 works (75x75 for

@@ -130,12 +130,20 @@ def find_encoder(path: str | Path) -> tuple[Path, dict | None]:
     """``--pretrained``'s weights file and, for a cdmix encoder, its provenance (encoder.json, as
     written by ``cdmix pretrain``; None for other weights files).
 
-    ``path``: a `cdmix pretrain` run folder (its encoder file is taken), an encoder file (its
+    ``path``: ``torchvision:ARCH[.VERSION]`` (the official file, from the cache or downloaded into it:
+    :mod:`cdmix.models.weights`), a `cdmix pretrain` run folder (its encoder file is taken), an encoder file (its
     provenance is the ``.json`` of the same stem beside it), or any other weights file. A folder
     without an encoder, a provenance that is not JSON, or one whose sha256 is not the file's raise
     one :class:`UserError`."""
     import json
 
+    from cdmix.models import weights
+
+    if weights.is_weights_name(path):  # torchvision:NAME: the cached official file (downloaded once)
+        if weights.timm_name(path):
+            raise UserError(f"--pretrained {path} is loaded by timm into the model timm builds, not from a file; "
+                            f"it has no encoder to read")
+        return weights.fetch(str(path)), None
     path = Path(path).expanduser()
     if path.is_dir():
         found = [path / name for name in ENCODER_FILES if (path / name).is_file()]
