@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
-    from cdmix.methods.simclr import PRETRAIN_DEFAULTS
+    from cdmix.simclr_defaults import PRETRAIN_DEFAULTS
 
     p = sub.add_parser(
         "pretrain", help="SimCLR pretraining of an encoder on the training images, labels unused (C2D); then "
