@@ -115,6 +115,8 @@ def test_the_report_draws_the_loss_and_the_knn_accuracy(pretrained, capsys):
     out = capsys.readouterr().out
     assert "report-knn.png" in out and "report-training.png" in out
     assert (pretrained.run_dir / "report-knn.png").stat().st_size > 1000
+    page = (pretrained.run_dir / "report.html").read_text()
+    assert "kNN accuracy (last)" in page and "best test accuracy" not in page
 
 
 def test_a_batch_larger_than_the_data_gives_one_step_per_epoch_and_unlabelled_arrays_work(tmp_path, caplog):

@@ -64,10 +64,11 @@ def key_facts(run: RunData) -> list[tuple[str, str]]:
                              + (f" (preset {s['preset']})" if s.get("preset") else "")),
         ("model", str((run.config or {}).get("model", "-"))),
         ("epochs", f"{s.get('epochs_done', '-')} of {s.get('epochs', '-')} done"),
-        ("best test accuracy", f"{acc(s.get('test_acc_best'))}%"
-                               + (f" at epoch {int(best_epoch)}" if isinstance(best_epoch, (int, float)) else "")),
-        ("last test accuracy", f"{acc(s.get('test_acc_last'))}%"),
-        ("best − last", f"{acc(accuracy_drop(s))} points"),
+        *(pretraining_facts(s) if s.get("pretraining") else [
+            ("best test accuracy", f"{acc(s.get('test_acc_best'))}%"
+                                   + (f" at epoch {int(best_epoch)}" if isinstance(best_epoch, (int, float)) else "")),
+            ("last test accuracy", f"{acc(s.get('test_acc_last'))}%"),
+            ("best − last", f"{acc(accuracy_drop(s))} points")]),
         ("noise", "none added: the labels as given, which of them are wrong is unknown"
                   if s.get("noise_source") == "none" else
                   f"{s.get('noise_source', '-')} {s.get('noise_mode') or ''}: nominal "
@@ -86,6 +87,12 @@ def key_facts(run: RunData) -> list[tuple[str, str]]:
         facts.insert(4, ("test accuracy at the selected epoch", f"{acc(selected)}% (epoch {s['selected_epoch']}, "
                                                                  "chosen on validation; compare this with a paper)"))
     return facts
+
+
+def pretraining_facts(s: dict) -> list[tuple[str, str]]:
+    """What a `cdmix pretrain` run has instead of test accuracies: no classifier was trained."""
+    return [("kNN accuracy (last)", f"{acc(s.get('knn_acc_last'))}% (test images against the training images' "
+                                    "given labels, in the encoder's feature space; no classifier was trained)")]
 
 
 def run_warnings(run: RunData) -> list[str]:
