@@ -4,8 +4,8 @@ human label noise, and how well does its kNN label disagreement rank the label e
 classifier at all?
 
 Data: the real CIFAR-10 subset (5,551 train / 1,017 test, ../shared/data) with its CIFAR-10N
-``worse_label`` labels; ``--pool`` 2x2 mean-pools the images to 16 px (the CPU budget). Network: PreAct
-ResNet-18 of width ``--width`` for everything. Rows:
+``worse_label`` labels; ``--pool`` 2x2 mean-pools the images to 16 px (the CPU budget). Network: ``--model``
+(PreAct ResNet-18 by default; ``resnet18_cifar`` is C2D's) of width ``--width`` for everything. Rows:
 
 - the pretraining run (``--pretrain-epochs`` epochs, batch ``--pretrain-batch``, SupContrast's lr,
   temperature and schedule otherwise): its kNN monitor accuracy and the ranking of its kNN label
@@ -67,7 +67,7 @@ def pretrain(args, data: Path, work: Path) -> Path:
     if (out / "checkpoint.pt").is_file():
         cdmix.resume(out)
     else:
-        cdmix.pretrain(dataset="npz", data_path=str(data), model="preact_resnet18", width=args.width,
+        cdmix.pretrain(dataset="npz", data_path=str(data), model=args.model, width=args.width,
                        epochs=args.pretrain_epochs, batch_size=args.pretrain_batch, seed=0, out=str(out),
                        overwrite=True, progress=False)
     return out
@@ -79,7 +79,7 @@ def train_row(name: str, data: Path, work: Path, method: str, seed: int, args, p
     if (out / "checkpoint.pt").is_file() and not (out / "label_issues.csv").is_file():
         result = cdmix.resume(out)
     else:
-        config = cdmix.Config(dataset="npz", data_path=str(data), model="preact_resnet18", width=args.width,
+        config = cdmix.Config(dataset="npz", data_path=str(data), model=args.model, width=args.width,
                               epochs=args.epochs, method=method, seed=seed, out=str(out), overwrite=True,
                               progress=False, pretrained=None if pretrained is None else str(pretrained))
         result = cdmix.train(config)
@@ -99,7 +99,7 @@ def cleanlab_row(name: str, data_path: Path, work: Path, args, pretrained: Path)
 
     with np.load(data_path) as d:
         data = {"images": d["train_images"], "labels": d["train_labels"], "true": d["train_true_labels"]}
-    budget = dict(model="preact_resnet18", width=args.width, epochs=args.epochs, pretrained=str(pretrained))
+    budget = dict(model=args.model, width=args.width, epochs=args.epochs, pretrained=str(pretrained))
     t0 = time.perf_counter()
     pred_probs, _ = out_of_fold_pred_probs(data, args.folds, 0, budget, work / "cleanlab")
     quality = get_label_quality_scores(data["labels"], pred_probs)
@@ -146,6 +146,7 @@ def table(results: dict, seeds: list[int]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pool", action="store_true", help="16 px (2x2 mean pooling) instead of 32 px")
+    parser.add_argument("--model", default="preact_resnet18", help="every row's network (resnet18_cifar: C2D's)")
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--pretrain-epochs", type=int, default=50)
@@ -193,7 +194,7 @@ def main() -> None:
         if row:
             record(results_path, results, row)
     text = (f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads; {'16' if args.pool else '32'} "
-            f"px, PreAct ResNet-18 width {args.width}, {args.epochs} epochs; pretraining {args.pretrain_epochs} "
+            f"px, {args.model} width {args.width}, {args.epochs} epochs; pretraining {args.pretrain_epochs} "
             f"epochs, batch {args.pretrain_batch}\n\n" + table(results, seeds))
     print("\n" + text)
     if args.out:

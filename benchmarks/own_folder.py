@@ -8,15 +8,22 @@ many of the flipped training images are among the top K rows (K = their number; 
 the ROC-AUC of the ranking, and seconds.
 
     python benchmarks/own_folder.py --per-class 100 --threads 1
+
+With ``--work DIR`` the folder and the runs live there instead of a temporary folder, and a rerun with
+the same arguments resumes an unfinished run (``cdmix.resume``) and re-scores a finished one, so a long
+benchmark can be split across sessions.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -64,15 +71,17 @@ def main() -> None:
                         help="first `cdmix pretrain` on the folder for this many epochs, then a kNN-alone row and "
                              "every method from the encoder too (0: from scratch only)")
     parser.add_argument("--pretrain-batch", type=int, default=256)
+    parser.add_argument("--work", default=None, help="keep the folder and runs here and resume them (default: a "
+                        "temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                         help="another Config field for every run (e.g. --set warmup_min_steps=100)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     extra = parse_settings(args.set)
-    with tempfile.TemporaryDirectory() as tmp:
+    with (contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory()) as tmp:
         root = Path(tmp) / "my_images"
-        flipped = make_folder(root, args.per_class, args.flip, args.seed)
+        flipped = load_or_make_folder(root, args.per_class, args.flip, args.seed)
         n = args.per_class * len(CLASSES)
         print(f"{n} images of {len(CLASSES)} classes, {len(flipped)} in a wrong class folder", flush=True)
         print("| images | method | epochs | warm-up (auto) | flipped (train) | precision@K | ROC-AUC | flagged | "
@@ -80,9 +89,9 @@ def main() -> None:
         starts: list[tuple[str, str | None]] = [("", None)]
         if args.pretrain_epochs:
             t0 = time.perf_counter()
-            encoder = cdmix.pretrain(dataset="folder", data_path=str(root), width=args.width,
-                                     epochs=args.pretrain_epochs, batch_size=args.pretrain_batch, seed=args.seed,
-                                     out=str(Path(tmp) / "encoder"), progress=False)
+            encoder = finished(Path(tmp) / "encoder", args.pretrain_epochs) or cdmix.pretrain(
+                dataset="folder", data_path=str(root), width=args.width, epochs=args.pretrain_epochs,
+                batch_size=args.pretrain_batch, seed=args.seed, out=str(Path(tmp) / "encoder"), progress=False)
             row(n, f"kNN alone ({args.pretrain_epochs} pretraining epochs)", args.pretrain_epochs, encoder.run_dir,
                 encoder.summary, flipped, time.perf_counter() - t0, test_acc=None)
             starts.append((" from encoder", str(encoder.run_dir)))
@@ -90,12 +99,34 @@ def main() -> None:
             for label, pretrained in starts:
                 t0 = time.perf_counter()
                 epochs = args.epochs or 100
-                result = cdmix.train(cdmix.Config(dataset="folder", data_path=str(root), method=method,
-                                                  width=args.width, epochs=epochs, val_fraction=0.0, seed=args.seed,
-                                                  out=str(Path(tmp) / f"{method}{label.replace(' ', '_')}"),
-                                                  progress=False, pretrained=pretrained, **extra))
+                out = Path(tmp) / f"{method}{label.replace(' ', '_')}"
+                result = finished(out, epochs) or cdmix.train(cdmix.Config(
+                    dataset="folder", data_path=str(root), method=method, width=args.width, epochs=epochs,
+                    val_fraction=0.0, seed=args.seed, out=str(out), progress=False, pretrained=pretrained, **extra))
                 row(n, method + label, epochs, result.run_dir, result.summary, flipped, time.perf_counter() - t0,
                     test_acc=result.test_acc_last)
+
+
+def load_or_make_folder(root: Path, per_class: int, flip: float, seed: int) -> set[str]:
+    """The folder of an earlier run of this benchmark under ``--work`` (its flipped.json), else a new one."""
+    record = root.parent / "flipped.json"
+    if record.is_file() and root.is_dir():
+        return set(json.loads(record.read_text()))
+    flipped = make_folder(root, per_class, flip, seed)
+    record.write_text(json.dumps(sorted(flipped)))
+    return flipped
+
+
+def finished(run_dir: Path, epochs: int):
+    """The result of ``run_dir``: resumed when cut short, read back when finished, None when absent."""
+    summary = run_dir / "summary.json"
+    if summary.is_file() and json.loads(summary.read_text()).get("epochs_done") == epochs \
+            and (run_dir / "label_issues.csv").is_file():
+        data = json.loads(summary.read_text())
+        return SimpleNamespace(run_dir=run_dir, summary=data, test_acc_last=data.get("test_acc_last"))
+    if (run_dir / "checkpoint.pt").is_file():
+        return cdmix.resume(run_dir)
+    return None
 
 
 def row(n: int, name: str, epochs: int, run_dir: Path, summary: dict, flipped: set[str], seconds: float,

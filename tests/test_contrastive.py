@@ -244,6 +244,31 @@ def test_knn_label_disagreement_by_hand():
     assert np.array_equal(S.knn_label_disagreement(features[:1], labels[:1]), [0.0])
 
 
+def test_knn_label_disagreement_weights_neighbours_by_similarity():
+    # Points on the unit circle (angles in radians). Samples 0 and 3 (label 0) each have 2 nearest
+    # neighbours, one of another label: the plain share is 0.5 for both. Sample 0's disagreeing neighbour
+    # (1, label 1) is its nearer one, sample 3's (5, label 2) its farther one.
+    angle = torch.tensor([0.0, 0.1, 0.5, 2.0, 2.1, 2.6])
+    features = torch.stack([angle.cos(), angle.sin()], dim=1)
+    labels = torch.tensor([0, 1, 0, 0, 0, 2])
+    score, predicted = S.knn_label_scores(features, labels, k=2, temperature=0.1)
+
+    def share(disagreeing: float, agreeing: float) -> float:  # weights exp(cos(angle) / 0.1)
+        w_d, w_a = math.exp(math.cos(disagreeing) / 0.1), math.exp(math.cos(agreeing) / 0.1)
+        return w_d / (w_d + w_a)
+
+    assert score[0] == pytest.approx(share(0.1, 0.5)) and score[0] > 0.5
+    assert score[3] == pytest.approx(share(0.6, 0.1)) and score[3] < 0.5
+    assert predicted[0] == 1 and predicted[3] == 0  # the weighted vote: the nearer neighbour's class
+    # A large temperature gives the plain share back (the tie); a tiny one neither overflows nor
+    # divides 0 by 0: only the nearest neighbour counts.
+    np.testing.assert_allclose(S.knn_label_disagreement(features, labels, k=2, temperature=1e6)[[0, 3]], [0.5, 0.5],
+                               rtol=1e-5)
+    np.testing.assert_array_equal(S.knn_label_disagreement(features, labels, k=2, temperature=1e-4)[[0, 3]], [1.0, 0.0])
+    with pytest.raises(ValueError, match="temperature"):
+        S.knn_label_disagreement(features, labels, k=2, temperature=0)
+
+
 def test_knn_label_disagreement_ranks_flipped_labels_first():
     gen = torch.Generator().manual_seed(1)
     centres = F.normalize(torch.randn(3, 8, generator=gen), dim=1) * 4

@@ -228,8 +228,8 @@ class Config:
                                   bounds="[1, inf)")
     knn_k: int = setting(200, "contrastive", "pretraining: neighbours of the weighted kNN monitor (InstDisc's 200)",
                          bounds="[1, inf)")
-    knn_temperature: float = setting(0.1, "contrastive", "pretraining: vote weight exp(cosine / this) of the kNN "
-                                     "monitor", bounds="(0, inf)")
+    knn_temperature: float = setting(0.1, "contrastive", "neighbour weight exp(cosine / this) in the kNN monitor "
+                                     "and the kNN label disagreement score", bounds="(0, inf)")
     knn_every: int = setting(5, "contrastive", "pretraining: kNN monitor of the test split every this many epochs "
                              "(and at the last; 0 = the last only)", bounds="[0, inf)")
     knn_disagreement_k: int = setting(10, "contrastive", "kNN label disagreement score: neighbours per sample "

@@ -12,8 +12,9 @@ averaged nets where a method averages them), in eval mode without augmentation:
 
 - ``knn_disagreement`` (a column beside them): the share of the sample's ``--knn-disagreement-k``
   nearest training neighbours (cosine, in the final nets' feature space: each net's input to its
-  classifier, the share averaged over the nets) whose given label differs from its own (SimiFeat's
-  kNN signal; REFERENCE §7). The nets' space, not that of the encoder a run may start from: the
+  classifier, the share averaged over the nets) whose given label differs from its own, each
+  neighbour weighted by exp(cosine / ``--knn-temperature``) so that equal shares do not tie
+  (SimiFeat's kNN signal; REFERENCE §7). The nets' space, not that of the encoder a run may start from: the
   encoder's score is already in its pretraining run's label_issues.csv, and this one is there for
   runs from scratch too.
 

@@ -509,27 +509,33 @@ def knn_accuracy(query, query_labels, bank, bank_labels, num_classes: int, k: in
     return float((predictions == truth).float().mean()) * 100.0
 
 
-def knn_label_disagreement(features, labels, k: int = KNN_DISAGREEMENT_K, batch_size: int = 1024) -> np.ndarray:
+def knn_label_disagreement(features, labels, k: int = KNN_DISAGREEMENT_K,
+                           temperature: float = KNN_MONITOR_TEMPERATURE, batch_size: int = 1024) -> np.ndarray:
     """Share of each sample's ``k`` nearest neighbours (cosine, the sample itself excluded) whose
-    given label differs from its own (SimiFeat / Docta's kNN signal): 0 = every neighbour agrees,
-    1 = none does; higher = more likely mislabeled. No classifier is trained.
+    given label differs from its own (SimiFeat / Docta's kNN signal), each neighbour weighted by
+    ``exp(cosine / temperature)`` as in the kNN monitor: 0 = every neighbour agrees, 1 = none does;
+    higher = more likely mislabeled. No classifier is trained. The weights break the ties of the plain
+    share (which takes only k + 1 values): of two samples with 3 of 10 disagreeing neighbours, the
+    one whose disagreeing neighbours are the closer ranks first.
 
     Args:
         features: N x d features (rows L2-normalised here); labels: int (N,) given labels.
-        k: neighbours per sample (capped at N - 1); batch_size: query rows per similarity block
-            against all N rows (memory batch_size x N floats).
+        k: neighbours per sample (capped at N - 1); temperature: > 0 (large: the plain share);
+        batch_size: query rows per similarity block against all N rows (memory batch_size x N floats).
 
     Returns:
         float64 numpy (N,) in [0, 1] (all 0 when N < 2). Deterministic for the same inputs on the
         same device (``topk`` of a fixed matrix; ties among equal similarities go to one of them).
     """
-    return knn_label_scores(features, labels, k=k, batch_size=batch_size)[0]
+    return knn_label_scores(features, labels, k=k, temperature=temperature, batch_size=batch_size)[0]
 
 
 def knn_label_scores(features, labels, num_classes: int | None = None, k: int = KNN_DISAGREEMENT_K,
+                     temperature: float = KNN_MONITOR_TEMPERATURE,
                      batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`knn_label_disagreement` and, from the same neighbours, each sample's kNN class: the
-    label most of its ``k`` nearest neighbours (itself excluded) carry (ties: the lowest class).
+    """:func:`knn_label_disagreement` and, from the same neighbours and weights, each sample's kNN
+    class: the label of the largest total weight among its ``k`` nearest neighbours (itself
+    excluded; ties: the lowest class).
 
     Returns (disagreement float64 (N,) in [0, 1], predicted int64 (N,)), numpy; with N < 2 no sample
     has a neighbour: disagreement 0 and the sample's own label. ``num_classes``: default max label + 1.
@@ -541,8 +547,8 @@ def knn_label_scores(features, labels, num_classes: int | None = None, k: int = 
     n = len(features)
     if len(labels) != n:
         raise ValueError(f"{n} feature rows but {len(labels)} labels")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k must be >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     k = min(k, n - 1)
     if k < 1:
         return np.zeros(n, dtype=np.float64), labels.cpu().numpy().astype(np.int64)
@@ -552,9 +558,12 @@ def knn_label_scores(features, labels, num_classes: int | None = None, k: int = 
         rows = torch.arange(start, min(start + batch_size, n), device=features.device)
         sim = features[rows] @ features.T
         sim[torch.arange(len(rows), device=sim.device), rows] = float("-inf")  # not its own neighbour
-        neighbour_labels = labels[sim.topk(k, dim=1).indices]
-        scores.append((neighbour_labels != labels[rows, None]).double().mean(dim=1))
-        counts = torch.zeros((len(rows), num_classes), device=features.device)
-        predicted.append(counts.scatter_add_(1, neighbour_labels, torch.ones_like(counts[:, :1]).expand(-1, k))
-                         .argmax(dim=1))
+        top_sim, top_idx = sim.topk(k, dim=1)
+        neighbour_labels = labels[top_idx]
+        # exp((s - s_max) / T): the monitor's weights up to a factor per row (no overflow or 0/0 at small T)
+        weights = ((top_sim.double() - top_sim[:, :1].double()) / temperature).exp()
+        disagree = (neighbour_labels != labels[rows, None]).double()
+        scores.append((weights * disagree).sum(dim=1) / weights.sum(dim=1))
+        votes = torch.zeros((len(rows), num_classes), dtype=torch.float64, device=features.device)
+        predicted.append(votes.scatter_add_(1, neighbour_labels, weights).argmax(dim=1))
     return torch.cat(scores).cpu().numpy(), torch.cat(predicted).cpu().numpy().astype(np.int64)

@@ -180,7 +180,8 @@ def knn_disagreement(trainer, parts) -> np.ndarray | None:
             if features is None:
                 features = torch.zeros((len(labels), dim), device=block.device)
             features[torch.as_tensor(pos, device=block.device)] = block
-        shares.append(knn_label_scores(features, labels, raw.num_classes, config.knn_disagreement_k)[0])
+        shares.append(knn_label_scores(features, labels, raw.num_classes, config.knn_disagreement_k,
+                                        config.knn_temperature)[0])
     return np.mean(shares, axis=0)
 
 

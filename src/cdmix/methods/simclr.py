@@ -130,9 +130,10 @@ class SimCLR(Method):
     def label_disagreement(self, train_features: torch.Tensor | None = None) -> np.ndarray:
         """kNN label disagreement of every training sample (float64 (N,), higher = more likely
         mislabeled): the share of its ``config.knn_disagreement_k`` nearest training neighbours whose
-        given label differs from its own."""
+        given label differs from its own, weighted by ``exp(cosine / config.knn_temperature)``."""
         feats = self.features(self.train.images) if train_features is None else train_features
-        return S.knn_label_disagreement(feats, self.train.labels, self.config.knn_disagreement_k)
+        return S.knn_label_disagreement(feats, self.train.labels, self.config.knn_disagreement_k,
+                                        self.config.knn_temperature)
 
     def monitor_due(self, epochs_done: int | None = None) -> bool:
         """Whether the kNN monitor runs after ``epochs_done`` epochs (default: those trained so far):
@@ -174,8 +175,8 @@ class SimCLR(Method):
     def write_artifacts(self, outputs) -> None:
         """The encoder (``encoder.safetensors``, or ``encoder.pt`` without safetensors), its provenance
         (``encoder.json``), ``label_issues.csv`` ranked by kNN label disagreement in the encoder's feature
-        space (issue_score = the share of a sample's ``knn_disagreement_k`` nearest training neighbours
-        whose given label differs; clean_prob = 1 - that share; predicted = the neighbours' majority
+        space (issue_score = the similarity-weighted share of a sample's ``knn_disagreement_k`` nearest training
+        neighbours whose given label differs; clean_prob = 1 - that share; predicted = the neighbours' majority
         class), and summary.json's ``encoder`` and ``knn_acc_last``. ``outputs.scores``:
         ``knn_disagreement`` and ``knn_predicted`` in the dataset's training order."""
         import json
@@ -186,7 +187,7 @@ class SimCLR(Method):
         raw, train, config = outputs.data.raw, self.train, self.config
         features = self.features(train.images)  # every rank: the rows are gathered
         disagreement, predicted = S.knn_label_scores(features, train.labels, self.num_classes,
-                                                     config.knn_disagreement_k)
+                                                     config.knn_disagreement_k, config.knn_temperature)
         n = len(raw.train_labels)
         score, knn_class = np.zeros(n), np.asarray(raw.train_labels, dtype=np.int64).copy()
         score[train.index], knn_class[train.index] = disagreement, predicted
