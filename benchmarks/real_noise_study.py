@@ -153,26 +153,15 @@ def table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def figure(runs: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
+def figure(archive: Path, path: Path) -> None:
+    """Every method's mean test-accuracy curve over its seeds: ``cdmix compare --plot`` of the archived runs."""
+    from cdmix.report.compare import plot_runs
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for name in [m for m in METHODS if m in runs]:
-        curves = [[r["test_acc"] for r in run["rows"]] for run in runs[name]]
-        length = min(len(c) for c in curves)
-        mean = np.mean([c[:length] for c in curves], axis=0)
-        ax.plot(np.arange(1, length + 1), mean, label=f"{name} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("CIFAR-10N worst, real 5.5k subset, 16 px, PreAct ResNet-18 width 16")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    order = {name: i for i, name in enumerate(METHODS)}
+    folders = sorted((p for p in archive.iterdir() if (p / "ranking.json").is_file()),
+                     key=lambda p: (order.get(p.name.rsplit("-s", 1)[0], len(order)), p.name))
+    plot_runs(folders, path, title="CIFAR-10N worst, real 5.5k subset, 16 px, PreAct ResNet-18 width 16",
+              overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished runs in the archive yet")
         return 0
     text = table(runs)
-    figure(runs, archive / "test_accuracy.png")
+    figure(archive, archive / "test_accuracy.png")
     (archive / "table.md").write_text(f"machine: {platform.machine()}, python {platform.python_version()}\n\n"
                                       + text + "\n")
     print(text)

@@ -281,3 +281,54 @@ def test_a_run_on_the_users_own_labels_says_no_noise_was_added(tmp_path: Path) -
     summary = {"noise_source": "none", "noise_mode": "none", "noise_rate_nominal": None, "noise_rate_actual": None}
     facts = dict(key_facts(RunData(path=tmp_path, name="mine", summary=summary, metrics=[])))
     assert facts["noise"].startswith("none added: the labels as given")
+
+
+# --------------------------------------------------------------------------- compare --plot: seeds averaged
+def _seed_copy(run_dir: Path, folder: Path, seed: int, shift: float, **settings) -> Path:
+    """A copy of the run as if trained with another seed (its test accuracy shifted by ``shift``) or,
+    with ``settings``, with other settings."""
+    copy = folder / f"{settings and 'other' or 'm'}-s{seed}"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("*.pt", "events.*", "report*"))
+    config = json.loads((copy / "config.json").read_text())
+    config.update(seed=seed, out=str(copy), **settings)
+    (copy / "config.json").write_text(json.dumps(config))
+    with (copy / "metrics.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        row["test_acc"] = f"{float(row['test_acc']) + shift}"
+    with (copy / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows[:len(rows) - (seed == 1)])  # seed 1 is one epoch shorter
+    return copy
+
+
+def test_compare_plot_averages_the_seeds_of_one_setting(run_dir: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from cdmix.report.compare import seed_groups
+    from cdmix.report.plots import mean_curve
+    from cdmix.report.rundata import load_run, column
+
+    runs = [_seed_copy(run_dir, tmp_path, 0, 0.0), _seed_copy(run_dir, tmp_path, 1, 4.0),
+            _seed_copy(run_dir, tmp_path, 0, 1.0, lambda_u=0.0)]
+    data = [load_run(p) for p in runs]
+    groups = seed_groups(data)
+    assert [(label, [r.name for r in members]) for label, members in groups] == [("m", ["m-s0", "m-s1"]),
+                                                                               ("other-s0", ["other-s0"])]
+    x, mean, low, high, count = mean_curve(groups[0][1])
+    base = column(load_run(run_dir).metrics, "test_acc")
+    assert count == 2 and len(x) == len(base) - 1 and x[0] == 1  # the epochs both seeds have
+    np.testing.assert_allclose(mean, base[:-1] + 2.0)
+    np.testing.assert_allclose(low, base[:-1]) and np.testing.assert_allclose(high, base[:-1] + 4.0)
+
+    png = tmp_path / "curves.png"
+    assert cli.main(["compare", *map(str, runs), "--plot", str(png), "--title", "two settings"]) == 0
+    assert f"figure: {png}" in capsys.readouterr().out
+    assert_nontrivial_png(png)
+    # An existing file needs --overwrite; a name that is not .png and a run's own file are refused.
+    assert cli.main(["compare", str(runs[0]), "--plot", str(png)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert cli.main(["compare", str(runs[0]), "--plot", str(png), "--overwrite"]) == 0
+    assert cli.main(["compare", str(runs[0]), "--plot", str(tmp_path / "curves.jpg")]) == 2
+    assert cli.main(["compare", str(runs[0]), "--plot", str(runs[0] / "metrics.csv")]) == 2
+    assert capsys.readouterr().err.count("error: ") == 2

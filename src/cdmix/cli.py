@@ -414,9 +414,14 @@ def add_report_parsers(sub) -> None:
         description="Print the summaries of the runs as a table: dataset, method, epochs, the test accuracy at the "
                     "epoch a validation set chose ('selected'), best and last test "
                     "accuracy, best - last, noise rate nominal and actual, seconds. Runs whose best - last exceeds "
-                    "2 points are marked '!'.")
+                    "2 points are marked '!'. --plot also draws their test-accuracy curves in one figure, runs "
+                    "that differ only in the seed averaged (mean line, min-max band).")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="cdmix run folder(s)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--plot", metavar="FILE.png", help="also write the runs' test-accuracy curves to this PNG: one "
+                   "line per group of runs whose config.json differs only in the seed, their mean")
+    p.add_argument("--title", default="", help="the --plot figure's title")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     p.set_defaults(func=cmd_compare)
 
     # No option prefix: every argument, --help included, goes on to benchmarks/bench.py.
@@ -442,8 +447,11 @@ def cmd_report(args) -> int:
 
 def cmd_compare(args) -> int:
     from cdmix.report import compare_runs
+    from cdmix.report.compare import plot_runs
 
     print(compare_runs(args.run_dirs, markdown=args.markdown), end="")
+    if args.plot:
+        print(f"figure: {plot_runs(args.run_dirs, args.plot, args.title, overwrite=args.overwrite)}")
     return 0
 
 

@@ -7,13 +7,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cdmix.report.rundata import acc, num, pct, read_summary, run_folders, run_names, selected_test_accuracy
+from cdmix.errors import UserError
+from cdmix.report.rundata import (RunData, acc, load_run, num, pct, read_summary, run_folders, run_names,
+                                  selected_test_accuracy)
 
 DROP_FLAG_POINTS = 2.0  # compare/report flag runs whose best - last test accuracy exceeds this
 
 COMPARE_COLUMNS = ("!", "run", "dataset", "method", "epochs", "selected", "best", "last", "best-last", "noise nominal",
                    "noise actual", "seconds")
 LEFT_ALIGNED = {"!", "run", "dataset", "method"}
+# Settings that do not change what a run computes (or only where it is written): runs that differ in
+# these and the seed are one group in ``compare --plot``.
+NOT_A_SETTING = {"seed", "out", "overwrite", "progress", "device", "compile", "data_placement", "eval_batch_size"}
 
 
 def accuracy_drop(summary: dict[str, Any]) -> float:
@@ -85,3 +90,48 @@ def compare_runs(run_dirs: Sequence[str | Path] | str | Path, markdown: bool = F
     paths = run_folders(run_dirs)
     rows = [summary_row(name, read_summary(path)) for name, path in zip(run_names(paths), paths)]
     return format_table(rows, markdown=markdown)
+
+
+def seed_groups(runs_data: list[RunData]) -> list[tuple[str, list[RunData]]]:
+    """Runs whose config.json agrees apart from the seed (and ``NOT_A_SETTING``), in first-seen order,
+    each as (label, runs). The label is what the group's run names share, a trailing seed tag
+    (``-s``, ``_seed``) cut off (``hybrid-s0`` and ``hybrid-s1``: ``hybrid``); a run without config.json
+    is a group of its own."""
+    import os
+    import re
+
+    keyed: dict[str, list[RunData]] = {}
+    for run in runs_data:
+        settings = {k: v for k, v in (run.config or {}).items() if k not in NOT_A_SETTING}
+        key = repr(sorted(settings.items())) if run.config else f"run:{run.path}"
+        keyed.setdefault(key, []).append(run)
+    groups = []
+    for members in keyed.values():
+        label = members[0].name
+        if len(members) > 1:
+            shared = re.sub(r"[-_ .]*(seed|s)?[-_ .]*$", "", os.path.commonprefix([m.name for m in members]))
+            label = shared or " / ".join(m.name for m in members)
+        groups.append((label, members))
+    return groups
+
+
+def plot_runs(run_dirs: Sequence[str | Path] | str | Path, out: str | Path, title: str = "",
+              overwrite: bool = False) -> Path:
+    """``cdmix compare --plot``: write the test-accuracy curves of ``run_dirs`` to the PNG ``out``, runs
+    that differ only in the seed averaged (:func:`seed_groups`, ``plots.plot_accuracy_groups``).
+    Raises UserError when no run has test accuracy per epoch, or for an ``out`` that is not a new .png
+    file (an existing one only with ``overwrite``; never a run's own file)."""
+    from cdmix.atomic import atomic_write, check_output
+    from cdmix.report.plots import plot_accuracy_groups
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--plot {out}: give a .png file name (the figure is a PNG)")
+    check_output(out, "--plot", overwrite=overwrite)
+    paths = run_folders(run_dirs)
+    runs_data = [load_run(path, name) for path, name in zip(paths, run_names(paths))]
+    plot = plot_accuracy_groups(seed_groups(runs_data), title)
+    if plot.png is None:
+        raise UserError(f"nothing to plot: {plot.missing}")
+    atomic_write(out, plot.png)
+    return out

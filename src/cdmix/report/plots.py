@@ -9,6 +9,7 @@ is left out) back. Each is left out, with the reason on the page, when the run h
   training   learning rate, lambda_u_eff and the loss terms per epoch
   seconds    seconds per phase per epoch (stacked bars)
   confusion  given vs predicted label of the most suspicious samples (label_issues.csv)
+  accuracy_mean  ``cdmix compare --plot``: runs that differ only in the seed averaged, one line each
   knn        a `cdmix pretrain` run (no classifier; only knn, training, seconds and confusion): the
              NT-Xent loss and the kNN monitor's accuracy per epoch
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -272,6 +274,55 @@ def plot_accuracy_runs(runs_data: list[RunData]) -> Plot:
     ax.set_title("test accuracy (ensemble of each run's nets)")
     plot.png = _png_bytes(fig)
     plot.caption = "One line per run; star: its best epoch, open circle: its last epoch."
+    return plot
+
+
+def mean_curve(members: list[RunData], key: str = "test_acc"):
+    """(epochs, mean, min, max, runs) of ``key`` over the runs that have it, over the epochs they all
+    have (the shortest run's); None when no run has a value."""
+    curves = [c for c in (column(run.metrics, key) for run in members) if np.isfinite(c).any()]
+    if not curves:
+        return None
+    length = min(len(c) for c in curves)
+    stack = np.array([c[:length] for c in curves])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an epoch no run measured stays NaN
+        return (epochs_axis(members[0].metrics[:length]), np.nanmean(stack, axis=0), np.nanmin(stack, axis=0),
+                np.nanmax(stack, axis=0), len(curves))
+
+
+def plot_accuracy_groups(groups: list[tuple[str, list[RunData]]], title: str = "") -> Plot:
+    """Test accuracy per epoch, one line per group of runs (``cdmix compare --plot``): the mean over the
+    group's runs (its seeds) over the epochs they all have, with the min-max band where a group has
+    more than one run; ``groups``: (label, runs)."""
+    plot = Plot("accuracy_mean", "Test accuracy per epoch, mean over each group's runs")
+    fig = _figure(10, 5)
+    ax = fig.add_subplot()
+    drawn = 0
+    for i, (label, members) in enumerate(groups):
+        curve = mean_curve(members)
+        if curve is None:
+            continue
+        x, mean, low, high, count = curve
+        color = f"C{i % 10}"
+        last = np.flatnonzero(np.isfinite(mean))[-1]
+        ax.plot(x, mean, color=color, lw=1.8, label=f"{_plain(label)} ({count} run{'s' if count > 1 else ''}): "
+                f"best {np.nanmax(mean):.2f}%, last {mean[last]:.2f}%")
+        if count > 1:
+            ax.fill_between(x, low, high, color=color, alpha=0.15, lw=0)
+        drawn += 1
+    if not drawn:
+        plot.missing = "no run has test_acc values"
+        return plot
+    ax.legend(loc="best", fontsize=8.5, framealpha=0.9)
+    ax.grid(alpha=0.3)
+    _integer_epochs(ax)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(_plain(title) or "test accuracy, mean over each group's runs (band: min to max)")
+    plot.png = _png_bytes(fig)
+    plot.caption = ("One line per group of runs whose settings differ only in the seed: their mean test accuracy "
+                    "over the epochs they all have; the band spans their lowest to highest.")
     return plot
 
 
