@@ -117,6 +117,9 @@ def test_the_report_draws_the_loss_and_the_knn_accuracy(pretrained, capsys):
     assert (pretrained.run_dir / "report-knn.png").stat().st_size > 1000
     page = (pretrained.run_dir / "report.html").read_text()
     assert "kNN accuracy (last)" in page and "best test accuracy" not in page
+    # one net, no unlabeled loss, no warm-up, no classifier: the captions say only what was drawn
+    assert "net2" not in page and "λu_eff × Lu" not in page and "warm-up" not in page
+    assert "the model predicts" not in page and "nearest training neighbours in the encoder" in page
 
 
 def test_a_batch_larger_than_the_data_gives_one_step_per_epoch_and_unlabelled_arrays_work(tmp_path, caplog):

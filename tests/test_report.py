@@ -113,6 +113,8 @@ def test_page_holds_config_and_summary(run_dir: Path, report) -> None:
     for key in ("p_threshold", "lambda_u", "warmup", "noise_rate_actual", "seconds_total"):
         assert f"<th>{key}</th>" in page
     assert "Not drawn" not in page
+    # two nets, an unlabeled loss and a warm-up: the captions name them
+    assert "dashed: net2" in page and "λu_eff × Lu" in page and "the model predicts another class" in page
 
 
 def test_make_report_returns_the_page_and_takes_a_folder_as_out(

@@ -236,8 +236,9 @@ def plot_accuracy(run: RunData) -> Plot:
                  f"(best − last {acc[best] - acc[last]:.2f} points)")
     ax.legend(loc="lower right", fontsize=9, framealpha=0.9)
     plot.png = _png_bytes(fig)
-    plot.caption = ("Thick line: the accuracy the run reports (ensemble of its nets); dashed: each net alone. Star: "
-                    "best epoch; red circle: last epoch" + ("; grey band: warm-up." if run.warmup_epochs else "."))
+    plot.caption = (("Thick line: the accuracy the run reports (ensemble of its nets); dashed: each net alone. "
+                     if net_keys else "") + "Star: best epoch; red circle: last epoch"
+                    + ("; grey band: warm-up." if run.warmup_epochs else "."))
     return plot
 
 
@@ -489,8 +490,11 @@ def plot_training(run: RunData) -> Plot:
                  "value (log scale if wide)", "no loss terms in metrics.csv\n(warm-up only, or the method logs none)",
                  log=True)
     plot.png = _png_bytes(fig)
-    plot.caption = ("Per-epoch averages from metrics.csv; solid: net1, dashed: net2. Lu is unweighted (the loss adds "
-                    "λu_eff × Lu). Epochs without a value (warm-up) are left empty.")
+    two_nets = any(re.search(r"_net2$", key) for key in lr_keys + lam_keys + loss_keys + term_keys)
+    plot.caption = ("Per-epoch averages from metrics.csv" + ("; solid: net1, dashed: net2." if two_nets else ".")
+                    + (" Lu is unweighted (the loss adds λu_eff × Lu)." if any(k.startswith("lu") for k in term_keys)
+                       else "")
+                    + (" Epochs without a value (warm-up) are left empty." if run.warmup_epochs else ""))
     return plot
 
 
@@ -583,15 +587,18 @@ def plot_confusion(run: RunData, top: int | None = None) -> Plot:
         ax.set_xticks(range(n_classes), names, rotation=45 if long_names else 0,
                       ha="right" if long_names else "center", fontsize=8)
         ax.set_yticks(range(n_classes), names, fontsize=8)
-    ax.set_xlabel("predicted label (the model's guess)")
+    knn = bool(run.summary.get("pretraining"))  # no classifier: the predicted class is the neighbours' vote
+    ax.set_xlabel("the neighbours' class (weighted kNN vote)" if knn else "predicted label (the model's guess)")
     ax.set_ylabel("given (training) label")
     agree = int(np.trace(matrix))
-    ax.set_title(f"{k} most suspicious of {n} training samples: model disagrees with the given label for {k - agree}",
-                 fontsize=10)
+    ax.set_title(f"{k} most suspicious of {n} training samples: {'the kNN vote' if knn else 'model'} disagrees with "
+                 f"the given label for {k - agree}", fontsize=10)
     plot.png = _png_bytes(fig)
     plot.caption = (f"The {k} samples ranked most likely mislabeled in {runs.LABEL_ISSUES} (10% of the training "
-                    f"samples, at most {MAX_TOP}, unless --top is given). Off the diagonal: the model predicts another "
-                    "class than the given label.")
+                    f"samples, at most {MAX_TOP}, unless --top is given). Off the diagonal: "
+                    + ("no classifier was trained; the similarity-weighted vote of the sample's nearest training "
+                       "neighbours in the encoder's feature space is another class than the given label." if knn else
+                       "the model predicts another class than the given label."))
     if issues.true_label is not None:
         true = issues.true_label[:k]
         wrong = true != given
