@@ -270,7 +270,8 @@ def score_note(summary: dict) -> str | None:
         return None
     return ("note: no classifier was trained (a `cdmix pretrain` run): issue_score is the kNN label disagreement in "
             "the self-supervised encoder's feature space (the share of a sample's nearest training neighbours whose "
-            "given label differs), clean_prob = 1 - that share, predicted = the neighbours' majority class")
+            "given label differs, each weighted by its similarity), clean_prob = 1 - that share, predicted = the "
+            "neighbours' weighted majority class; samples whose every neighbour disagrees tie at 1.0")
 
 
 def collapse_caution(summary: dict, drop: float = 10.0) -> str | None:

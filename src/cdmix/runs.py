@@ -92,7 +92,8 @@ encoder.safetensors  `cdmix pretrain` runs: the encoder (plain state dict, the m
                    (model, width, channels, sizes, normalisation mean/std, epochs, sha256, data fingerprint).
                    Their label_issues.csv ranks by kNN label disagreement in the encoder's feature space:
                    issue_score = the share of a sample's nearest training neighbours whose given label differs,
-                   clean_prob = 1 - that share, predicted = the neighbours' majority class (scored = knn-encoder).
+                   each weighted by exp(cosine / knn_temperature); clean_prob = 1 - that share, predicted = the
+                   neighbours' weighted majority class (scored = knn-encoder).
                    Train from it: cdmix train --pretrained <this folder>
 pretrained.json    runs started with --pretrained: the weights file, its sha256 and, for a cdmix encoder, its
                    provenance
