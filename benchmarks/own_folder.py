@@ -71,6 +71,9 @@ def main() -> None:
                         help="first `cdmix pretrain` on the folder for this many epochs, then a kNN-alone row and "
                              "every method from the encoder too (0: from scratch only)")
     parser.add_argument("--pretrain-batch", type=int, default=256)
+    parser.add_argument("--start", choices=("both", "scratch", "encoder"), default="both",
+                        help="which trained rows: from scratch, from the encoder (needs --pretrain-epochs), or both "
+                        "(with --work, two processes can run one each)")
     parser.add_argument("--work", default=None, help="keep the folder and runs here and resume them (default: a "
                         "temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -95,6 +98,8 @@ def main() -> None:
             row(n, f"kNN alone ({args.pretrain_epochs} pretraining epochs)", args.pretrain_epochs, encoder.run_dir,
                 encoder.summary, flipped, time.perf_counter() - t0, test_acc=None)
             starts.append((" from encoder", str(encoder.run_dir)))
+        if args.start != "both":
+            starts = [s for s in starts if (s[1] is None) == (args.start == "scratch")]
         for method in args.methods.split(","):
             for label, pretrained in starts:
                 t0 = time.perf_counter()
