@@ -220,7 +220,8 @@ def test_a_division_method_on_few_images_from_scratch_is_cautioned(caplog):
     from cdmix.data.sources import load_source
     from cdmix.engine import small_data_caution
 
-    assert "only 300 training images" in small_data_caution(Config(method="dividemix"), 300)
+    caution = small_data_caution(Config(method="dividemix"), 300)
+    assert "only 300 training images" in caution and "`cdmix pretrain`" in caution
     assert small_data_caution(Config(method="standard"), 300) is None
     assert small_data_caution(Config(method="dividemix", pretrained="w.pt"), 300) is None
     assert small_data_caution(Config(method="hybrid"), 5000) is None

@@ -63,4 +63,6 @@ def small_data_caution(config: Config, num_train: int) -> str | None:
         return None
     return (f"--method {config.method} trains from scratch on only {num_train} training images; on a few hundred "
             f"images it collapsed in our tests, and --method standard or a pretrained backbone (--pretrained FILE) "
-            f"ranked label errors better (README: 'Your own data')")
+            f"ranked label errors better; for a first ranking in minutes, `cdmix pretrain` on these images and then "
+            f"`cdmix issues` on its run folder (kNN label disagreement, no classifier) put the most misplaced files "
+            f"in its top K on 300 photos (README: 'Your own data')")
