@@ -175,9 +175,9 @@ class SimCLR(Method):
     def write_artifacts(self, outputs) -> None:
         """The encoder (``encoder.safetensors``, or ``encoder.pt`` without safetensors), its provenance
         (``encoder.json``), ``label_issues.csv`` ranked by kNN label disagreement in the encoder's feature
-        space (issue_score = the similarity-weighted share of a sample's ``knn_disagreement_k`` nearest training
-        neighbours whose given label differs; clean_prob = 1 - that share; predicted = the neighbours' majority
-        class), and summary.json's ``encoder`` and ``knn_acc_last``. ``outputs.scores``:
+        space (issue_score = the similarity-weighted share of a sample's ``knn_disagreement_k`` nearest
+        training neighbours whose given label differs; clean_prob = 1 - that share; predicted = the
+        neighbours' weighted majority class), and summary.json's ``encoder`` and ``knn_acc_last``. ``outputs.scores``:
         ``knn_disagreement`` and ``knn_predicted`` in the dataset's training order."""
         import json
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,9 +99,6 @@ def seed_groups(runs_data: list[RunData]) -> list[tuple[str, list[RunData]]]:
     each as (label, runs). The label is what the group's run names share, a trailing seed tag
     (``-s``, ``_seed``) cut off (``hybrid-s0`` and ``hybrid-s1``: ``hybrid``); a run without config.json
     is a group of its own."""
-    import os
-    import re
-
     keyed: dict[str, list[RunData]] = {}
     for run in runs_data:
         settings = {k: v for k, v in (run.config or {}).items() if k not in NOT_A_SETTING}

@@ -280,7 +280,8 @@ def write_review_page(run_dir: str | Path, out: str | Path | None = None, top: i
             f'<div class="grid">{"".join(cards)}</div>'
             + ('<p class="note">issue score = the share of the image\'s nearest training neighbours (in the '
                "self-supervised encoder's feature space) whose given label differs, each weighted by its similarity "
-               "(the ranking); clean prob = 1 − that share; predicted = the neighbours' weighted majority class. See README.txt in the run folder.</p>" if knn
+               "(the ranking); clean prob = 1 − that share; predicted = the neighbours' weighted majority class. "
+               "See README.txt in the run folder.</p>" if knn
                else '<p class="note">issue score = 1 − the final nets\' probability of the given label (the '
                "ranking); clean prob = the loss GMM's probability that the given label is right. See README.txt in "
                "the run folder.</p>"))
