@@ -14,7 +14,8 @@ finished one. A finished run's ``metrics.csv``, ``summary.json`` and ranking fig
 
 The table: best and last test accuracy, best - last, the epochs of any drop of 5+ points from the
 best so far, the clean-selection ROC-AUC (first epoch after warm-up, middle, last), the ranking's
-ROC-AUC and precision@K from label_issues.csv, minutes per run; the figure: each method's mean test
+ROC-AUC and precision@K from label_issues.csv and the epoch whose nets scored it (the best epoch's
+when a run ended collapsed, else the last), minutes per run; the figure: each method's mean test
 accuracy curve over its seeds.
 """
 
@@ -134,7 +135,8 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 def table(runs: dict[str, list[dict]]) -> str:
     lines = ["| method | seeds | best | last | best − last | drops ≥ 5 pts (epoch) | selection AUC first / mid / "
-             "last | ranking ROC-AUC | precision@K | min/run |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "last | ranking ROC-AUC | precision@K | ranked by the nets of epoch | min/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in [m for m in METHODS if m in runs] + [m for m in runs if m not in METHODS]:
         rs = runs[name]
         tests = [[r["test_acc"] for r in run["rows"]] for run in rs]
@@ -149,7 +151,8 @@ def table(runs: dict[str, list[dict]]) -> str:
         lines.append(f"| {name} | {', '.join(run['seed'] for run in rs)} | {fmt(best)} | {fmt(last)} | "
                      f"{fmt([b - x for b, x in zip(best, last)])} | {drop_text} | "
                      f"{fmt(first, 3)} / {fmt(mid, 3)} / {fmt(end, 3)} | {fmt([r['ranking_auc'] for r in rs], 3)} | "
-                     f"{fmt([r['precision_at_k'] for r in rs], 3)} | {fmt(minutes, 0)} |")
+                     f"{fmt([r['precision_at_k'] for r in rs], 3)} | "
+                     f"{', '.join(str(run['summary'].get('scored_epoch', '-')) for run in rs)} | {fmt(minutes, 0)} |")
     return "\n".join(lines)
 
 
