@@ -128,9 +128,10 @@ def plot_runs(run_dirs: Sequence[str | Path] | str | Path, out: str | Path, titl
         raise UserError(f"--plot {out}: give a .png file name (the figure is a PNG)")
     check_output(out, "--plot", overwrite=overwrite)
     paths = run_folders(run_dirs)
-    runs_data = [load_run(path, name) for path, name in zip(paths, run_names(paths))]
+    runs_data = [load_run(path, name, curves_only=True) for path, name in zip(paths, run_names(paths))]
     plot = plot_accuracy_groups(seed_groups(runs_data), title)
     if plot.png is None:
-        raise UserError(f"nothing to plot: {plot.missing}")
+        raise UserError(f"nothing to plot: {plot.missing} (a `cdmix pretrain` run has no test accuracy per epoch; "
+                        "`cdmix report` draws its kNN accuracy)")
     atomic_write(out, plot.png)
     return out

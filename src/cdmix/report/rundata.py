@@ -89,8 +89,10 @@ def _read_npz(path: Path, notes: list[str]) -> dict[str, np.ndarray] | None:
         return None
 
 
-def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
-    """Read a run folder for the report; raises UserError when it is not a cdmix run folder."""
+def load_run(run_dir: str | Path, name: str | None = None, curves_only: bool = False) -> RunData:
+    """Read a run folder for the report; raises UserError when it is not a cdmix run folder.
+    ``curves_only``: summary, metrics and config only (``compare --plot``), not the division, labels
+    and label issues."""
     path = run_folders(run_dir)[0]
     summary = read_summary(path)
     metrics = runs.read_metrics(path)
@@ -105,6 +107,8 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunData:
             notes.append(f"{runs.CONFIG} is not valid JSON; the config table is left out")
     else:
         notes.append(f"no {runs.CONFIG} in the run folder; the config table is left out")
+    if curves_only:
+        return RunData(path, name or path.resolve().name, summary, metrics, config, notes=notes)
     division = _read_npz(path / runs.DIVISION, notes)
     labels = _read_npz(path / runs.LABELS, notes)
     issues = None
