@@ -11,11 +11,12 @@ finished one. A finished run's ``metrics.csv``, ``summary.json`` and ranking fig
 
     python benchmarks/real_noise_study.py --methods hybrid,hybrid-stable --seeds 0 --threads 1
     python benchmarks/real_noise_study.py --report          # table + figure from the archive
+    python benchmarks/real_noise_study.py --methods hybrid+per-class --seeds 0   # one stabiliser alone
 
 The table: best and last test accuracy, best - last, the epochs of any drop of 5+ points from the
 best so far, the clean-selection ROC-AUC (first epoch after warm-up, middle, last), the ranking's
 ROC-AUC and precision@K from label_issues.csv and the epoch whose nets scored it (the best epoch's
-when a run ended collapsed, else the last), minutes per run; the figure: each method's mean test
+when a run ended collapsed, else the last), minutes per run (its epochs' seconds, a paused epoch counted at its phase's median); the figure: each method's mean test
 accuracy curve over its seeds.
 """
 
@@ -38,15 +39,19 @@ from accuracy_small import cifar10n_subset_npz, ranking_quality  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["standard", "dividemix", "josrc", "hybrid", "hybrid-stable"]
+# the ablation: the faithful hybrid plus one of hybrid-stable's stabilisers (its preset value)
+STABILISERS = {"hybrid+per-class": "stab_per_class_threshold", "hybrid+gmm-mean": "stab_gmm_running_mean",
+               "hybrid+blend": "stab_blend_selection"}
 DROP = 5.0  # points below the best so far that count as a drop
 
 
 def method_settings(name: str) -> dict:
-    """Config fields of one study method: the method, plus hybrid-stable's stabilisers."""
-    if name == "hybrid-stable":
+    """Config fields of one study method: the method, plus hybrid-stable's stabilisers (all, or one)."""
+    if name == "hybrid-stable" or name in STABILISERS:
         from cdmix.config import load_preset
 
-        return {"method": "hybrid", **{k: v for k, v in load_preset("hybrid-stable").items() if k.startswith("stab_")}}
+        stab = {k: v for k, v in load_preset("hybrid-stable").items() if k.startswith("stab_")}
+        return {"method": "hybrid", **(stab if name == "hybrid-stable" else {STABILISERS[name]: stab[STABILISERS[name]]})}
     return {"method": name}
 
 
@@ -112,6 +117,18 @@ def selection_auc(rows: list[dict[str, float]]) -> list[float]:
     return [r.get(key, math.nan) if key else math.nan for r in rows]
 
 
+def run_minutes(rows: list[dict[str, float]]) -> float:
+    """Minutes of training: the sum of the epochs' seconds, where an epoch over 3x the median of its phase
+    (warm-up or after) counts as that median: it was paused (SIGSTOP to free a core), not slow."""
+    seconds = np.array([r["seconds"] for r in rows])
+    phase = np.array([math.isnan(a) for a in selection_auc(rows)])
+    for part in (phase, ~phase):
+        if part.any():
+            median = np.median(seconds[part])
+            seconds[part] = np.where(seconds[part] > 3 * median, median, seconds[part])
+    return float(seconds.sum() / 60)
+
+
 def load_archive(archive: Path) -> dict[str, list[dict]]:
     """method -> runs (rows, summary, ranking) from the archive's finished runs."""
     out: dict[str, list[dict]] = {}
@@ -137,7 +154,8 @@ def table(runs: dict[str, list[dict]]) -> str:
     lines = ["| method | seeds | best | last | best − last | drops ≥ 5 pts (epoch) | selection AUC first / mid / "
              "last | ranking ROC-AUC | precision@K | ranked by the nets of epoch | min/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in [m for m in METHODS if m in runs] + [m for m in runs if m not in METHODS]:
+    order = [*METHODS, *STABILISERS]
+    for name in [m for m in order if m in runs] + [m for m in runs if m not in order]:
         rs = runs[name]
         tests = [[r["test_acc"] for r in run["rows"]] for run in rs]
         best = [max(t) for t in tests]
@@ -147,7 +165,7 @@ def table(runs: dict[str, list[dict]]) -> str:
         mid = [a[len(a) // 2] if a else math.nan for a in aucs]
         end = [a[-1] if a else math.nan for a in aucs]
         drop_text = "; ".join(f"s{run['seed']}: {', '.join(map(str, drops(t))) or 'none'}" for run, t in zip(rs, tests))
-        minutes = [run["summary"]["seconds_total"] / 60 for run in rs]
+        minutes = [run_minutes(run["rows"]) for run in rs]
         lines.append(f"| {name} | {', '.join(run['seed'] for run in rs)} | {fmt(best)} | {fmt(last)} | "
                      f"{fmt([b - x for b, x in zip(best, last)])} | {drop_text} | "
                      f"{fmt(first, 3)} / {fmt(mid, 3)} / {fmt(end, 3)} | {fmt([r['ranking_auc'] for r in rs], 3)} | "
@@ -160,7 +178,7 @@ def figure(archive: Path, path: Path) -> None:
     """Every method's mean test-accuracy curve over its seeds: ``cdmix compare --plot`` of the archived runs."""
     from cdmix.report.compare import plot_runs
 
-    order = {name: i for i, name in enumerate(METHODS)}
+    order = {name: i for i, name in enumerate([*METHODS, *STABILISERS])}
     folders = sorted((p for p in archive.iterdir() if (p / "ranking.json").is_file()),
                      key=lambda p: (order.get(p.name.rsplit("-s", 1)[0], len(order)), p.name))
     plot_runs(folders, path, title="CIFAR-10N worst, real 5.5k subset, 16 px, PreAct ResNet-18 width 16",
@@ -170,7 +188,8 @@ def figure(archive: Path, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, of {', '.join(METHODS)}, or an ablation: {', '.join(STABILISERS)}")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--width", type=int, default=16)
@@ -197,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                  for k, v in (item.split("=", 1) for item in args.set)}
         for seed in [int(s) for s in args.seeds.split(",")]:
             for name in args.methods.split(","):
-                if name not in METHODS:
-                    raise SystemExit(f"unknown method {name}; one of {', '.join(METHODS)}")
+                if name not in METHODS and name not in STABILISERS:
+                    raise SystemExit(f"unknown method {name}; one of {', '.join([*METHODS, *STABILISERS])}")
                 run_dir = run_one(work, data, name, seed, args.epochs, args.width, extra)
                 archive_run(run_dir, archive)
     runs = load_archive(archive)
