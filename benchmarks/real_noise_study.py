@@ -13,7 +13,9 @@ finished one. A finished run's ``metrics.csv``, ``summary.json`` and ranking fig
     python benchmarks/real_noise_study.py --report          # table + figure from the archive
     python benchmarks/real_noise_study.py --methods hybrid+per-class --seeds 0   # one stabiliser alone
 
-The table: best and last test accuracy, best - last, the epochs of any drop of 5+ points from the
+The table: best and last test accuracy, best - last, the same with 10-epoch means (the mean of the
+last 10 epochs, and the best mean over 10 consecutive epochs minus it: one epoch's accuracy on
+1,017 test images moves by about a point), the epochs of any drop of 5+ points from the
 best so far, the clean-selection ROC-AUC (first epoch after warm-up, middle, last), the ranking's
 ROC-AUC and precision@K from label_issues.csv and the epoch whose nets scored it (the best epoch's
 when a run ended collapsed, else the last), minutes per run (its epochs' seconds, a paused epoch counted at its phase's median); the figure: each method's mean test
@@ -117,6 +119,12 @@ def selection_auc(rows: list[dict[str, float]]) -> list[float]:
     return [r.get(key, math.nan) if key else math.nan for r in rows]
 
 
+def smoothed_best(test: list[float], window: int = 10) -> float:
+    """The best mean test accuracy over ``window`` consecutive epochs: on 1,017 test images one epoch's
+    accuracy moves by about a point, so a single best epoch is partly noise."""
+    return float(np.convolve(test, np.ones(window) / window, "valid").max())
+
+
 def run_minutes(rows: list[dict[str, float]]) -> float:
     """Minutes of training: the sum of the epochs' seconds, where an epoch over 3x the median of its phase
     (warm-up or after) counts as that median: it was paused (SIGSTOP to free a core), not slow."""
@@ -151,15 +159,17 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 
 def table(runs: dict[str, list[dict]]) -> str:
-    lines = ["| method | seeds | best | last | best − last | drops ≥ 5 pts (epoch) | selection AUC first / mid / "
+    lines = ["| method | seeds | best | last | best − last | last 10 epochs | best − last, 10-epoch means | drops ≥ 5 pts (epoch) | selection AUC first / mid / "
              "last | ranking ROC-AUC | precision@K | ranked by the nets of epoch | min/run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = [*METHODS, *STABILISERS]
     for name in [m for m in order if m in runs] + [m for m in runs if m not in order]:
         rs = runs[name]
         tests = [[r["test_acc"] for r in run["rows"]] for run in rs]
         best = [max(t) for t in tests]
         last = [t[-1] for t in tests]
+        last10 = [float(np.mean(t[-10:])) for t in tests]
+        smooth_drop = [smoothed_best(t) - x for t, x in zip(tests, last10)]
         aucs = [[a for a in selection_auc(run["rows"]) if not math.isnan(a)] for run in rs]
         first = [a[0] if a else math.nan for a in aucs]
         mid = [a[len(a) // 2] if a else math.nan for a in aucs]
@@ -167,7 +177,7 @@ def table(runs: dict[str, list[dict]]) -> str:
         drop_text = "; ".join(f"s{run['seed']}: {', '.join(map(str, drops(t))) or 'none'}" for run, t in zip(rs, tests))
         minutes = [run_minutes(run["rows"]) for run in rs]
         lines.append(f"| {name} | {', '.join(run['seed'] for run in rs)} | {fmt(best)} | {fmt(last)} | "
-                     f"{fmt([b - x for b, x in zip(best, last)])} | {drop_text} | "
+                     f"{fmt([b - x for b, x in zip(best, last)])} | {fmt(last10)} | {fmt(smooth_drop)} | {drop_text} | "
                      f"{fmt(first, 3)} / {fmt(mid, 3)} / {fmt(end, 3)} | {fmt([r['ranking_auc'] for r in rs], 3)} | "
                      f"{fmt([r['precision_at_k'] for r in rs], 3)} | "
                      f"{', '.join(str(run['summary'].get('scored_epoch', '-')) for run in rs)} | {fmt(minutes, 0)} |")
