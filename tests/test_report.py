@@ -200,6 +200,19 @@ def test_compare_without_a_drop_flags_nothing(run_dir: Path) -> None:
     assert lines[2].startswith(f"   {run_dir.name}")
 
 
+def test_compare_flag_line_names_runs_without_test_accuracy() -> None:
+    """A pretraining run has no test accuracy: the line under the table must not claim it held."""
+    from cdmix.report.compare import flag_line, summary_row
+
+    encoder = summary_row("enc", {"method": "simclr", "epochs_done": 5})
+    assert flag_line([encoder]).startswith("no run has a best and a last test accuracy")
+    held = summary_row("ce", {"test_acc_best": 50.0, "test_acc_last": 49.5})
+    assert flag_line([held, encoder]) == ("no run ended more than 2 points below its best test accuracy "
+                                          "(no test accuracy: enc)")
+    fell = summary_row("dm", {"test_acc_best": 50.0, "test_acc_last": 40.0})
+    assert flag_line([held, fell, encoder]).endswith(": dm")
+
+
 def test_cli_compare_and_report(run_dir: Path, stripped_copy: Path, tmp_path: Path,
                                 capsys: pytest.CaptureFixture) -> None:
     assert cli.main(["compare", "--markdown", str(run_dir), str(stripped_copy)]) == 0

@@ -57,7 +57,12 @@ def flag_line(rows: list[dict[str, str]]) -> str:
     if flagged:
         return (f"! best - last > {DROP_FLAG_POINTS:g} points (accuracy fell after the best epoch: a collapse or "
                 f"over-fitting to the noisy labels): {', '.join(flagged)}")
-    return f"no run ended more than {DROP_FLAG_POINTS:g} points below its best test accuracy"
+    unknown = [row["run"] for row in rows if row["best-last"] == "-"]
+    if len(unknown) == len(rows):
+        return "no run has a best and a last test accuracy (a `cdmix pretrain` run has none: its kNN accuracy is in " \
+               "`cdmix report`)"
+    line = f"no run ended more than {DROP_FLAG_POINTS:g} points below its best test accuracy"
+    return line + (f" (no test accuracy: {', '.join(unknown)})" if unknown else "")
 
 
 def format_table(rows: list[dict[str, str]], markdown: bool = False) -> str:
