@@ -12,6 +12,7 @@ finished one. A finished run's ``metrics.csv``, ``summary.json`` and ranking fig
     python benchmarks/real_noise_study.py --methods hybrid,hybrid-stable --seeds 0 --threads 1
     python benchmarks/real_noise_study.py --report          # table + figure from the archive
     python benchmarks/real_noise_study.py --methods hybrid+per-class --seeds 0   # one stabiliser alone
+    python benchmarks/real_noise_study.py --methods dividemix --seeds 0 --set pretrained=ENC --tag encoder
 
 The table: best and last test accuracy, best - last, the same with 10-epoch means (the mean of the
 last 10 epochs, and the best mean over 10 consecutive epochs minus it: one epoch's accuracy on
@@ -57,11 +58,11 @@ def method_settings(name: str) -> dict:
     return {"method": name}
 
 
-def run_one(work: Path, data: Path, name: str, seed: int, epochs: int, width: int, extra: dict) -> Path:
-    """Train (or resume, or skip when finished) one run; returns its folder."""
+def run_one(work: Path, data: Path, name: str, seed: int, epochs: int, width: int, extra: dict, tag: str = "") -> Path:
+    """Train (or resume, or skip when finished) one run; returns its folder (``<name>[+<tag>]-s<seed>``)."""
     import cdmix
 
-    run_dir = work / f"{name}-s{seed}"
+    run_dir = work / f"{name}{'+' + tag if tag else ''}-s{seed}"
     summary = run_dir / "summary.json"
     if summary.is_file() and (run_dir / "label_issues.csv").is_file():
         if json.loads(summary.read_text()).get("epochs_done") == epochs:
@@ -209,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="finished runs' metrics (committed)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a Config field for every run (JSON value), e.g. --set pretrained=ENC")
+    parser.add_argument("--tag", default="", help="appended to the run folders' method name (+TAG), e.g. "
+                        "--tag encoder with --set pretrained=ENC, so those runs are rows of their own")
     parser.add_argument("--report", action="store_true", help="only the table and figure from the archive")
     args = parser.parse_args(argv)
     archive, work = Path(args.archive), Path(args.work)
+    if args.set and not args.tag:
+        raise SystemExit("--set changes the runs: give --tag too, so they neither resume nor replace the plain ones")
     archive.mkdir(parents=True, exist_ok=True)
     if not args.report:
         import torch
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.methods.split(","):
                 if name not in METHODS and name not in STABILISERS:
                     raise SystemExit(f"unknown method {name}; one of {', '.join([*METHODS, *STABILISERS])}")
-                run_dir = run_one(work, data, name, seed, args.epochs, args.width, extra)
+                run_dir = run_one(work, data, name, seed, args.epochs, args.width, extra, args.tag)
                 archive_run(run_dir, archive)
     runs = load_archive(archive)
     if not runs:
