@@ -1,0 +1,76 @@
+"""The real-noise study's bookkeeping (benchmarks/real_noise_study.py): what its table says about runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark is part of the checkout, not of the package
+
+import real_noise_study as study  # noqa: E402
+
+
+def test_drops_count_each_fall_of_five_points_once() -> None:
+    # falls 5 below the best at epoch 3, stays down, recovers at 5, falls again at 7 below the new best
+    assert study.drops([50, 52, 47, 46, 53, 50, 48, 47.9]) == [3, 7]
+    assert study.drops([40, 41, 42]) == []
+
+
+def test_smoothed_best_is_the_best_window_mean() -> None:
+    assert study.smoothed_best([1, 2, 3, 10, 0], window=2) == pytest.approx(6.5)
+    assert study.smoothed_best([5.0] * 10) == pytest.approx(5.0)
+
+
+def test_run_minutes_counts_a_paused_epoch_at_its_phases_median() -> None:
+    warmup = [{"seconds": 10.0, "sel_auc_net1": math.nan} for _ in range(3)]
+    after = [{"seconds": s, "sel_auc_net1": 0.8} for s in (60.0, 62.0, 5000.0, 61.0)]
+    # 3 x 10 warm-up + 60 + 62 + (paused: median 61.5) + 61
+    assert study.run_minutes(warmup + after) == pytest.approx((30 + 60 + 62 + 61.5 + 61) / 60)
+
+
+def test_ablation_methods_are_the_hybrid_with_one_preset_stabiliser() -> None:
+    full = study.method_settings("hybrid-stable")
+    stabilisers = {k: v for k, v in full.items() if k.startswith("stab_")}
+    assert full["method"] == "hybrid" and len(stabilisers) == len(study.STABILISERS)
+    for name, field in study.STABILISERS.items():
+        assert study.method_settings(name) == {"method": "hybrid", field: stabilisers[field]}
+    assert study.method_settings("dividemix") == {"method": "dividemix"}
+
+
+def test_set_without_tag_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--tag"):
+        study.main(["--set", "pretrained=ENC", "--work", str(tmp_path / "w"), "--archive", str(tmp_path / "a")])
+
+
+def write_run(folder: Path, test_acc: list[float], seconds: float, ranking: float) -> None:
+    folder.mkdir(parents=True)
+    with (folder / "metrics.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", "test_acc", "seconds", "sel_auc_net1"])
+        for epoch, acc in enumerate(test_acc):
+            writer.writerow([epoch, acc, seconds, "" if epoch < 2 else 0.5 + epoch / 100])
+    (folder / "summary.json").write_text(json.dumps({"scored_epoch": len(test_acc)}))
+    (folder / "ranking.json").write_text(json.dumps({"ranking_auc": ranking, "precision_at_k": ranking - 0.1}))
+
+
+def test_table_rows_average_the_seeds_of_a_method(tmp_path: Path) -> None:
+    write_run(tmp_path / "josrc-s0", [40, 50, 44] + [45] * 10, 60.0, 0.8)
+    write_run(tmp_path / "josrc-s1", [40, 48, 42] + [43] * 10, 180.0, 0.7)
+    write_run(tmp_path / "hybrid+per-class-s0", [30, 35, 36] + [37] * 10, 30.0, 0.6)
+    text = study.table(study.load_archive(tmp_path))
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines()[2:]}
+    assert list(rows) == ["josrc", "hybrid+per-class"]  # the study's methods first, then the ablation
+    josrc = rows["josrc"]
+    assert josrc[1] == "0, 1" and josrc[2] == "49.00 ± 1.00" and josrc[3] == "44.00 ± 1.00"
+    assert josrc[4] == "5.00 ± 0.00"  # best - last
+    # last 10 epochs: all 45 (43); best 10-epoch mean: epochs 2-11 of seed 0 = (50 + 44 + 8 x 45) / 10
+    assert josrc[5] == "44.00 ± 1.00" and josrc[6] == "0.40 ± 0.00"
+    assert josrc[7] == "s0: 3; s1: 3"  # 44 is 6 below 50, 42 is 6 below 48: a drop at epoch 3
+    assert josrc[-1].rstrip(" |") == "26 ± 13"  # 13 epochs x 60 s and x 180 s
+    assert rows["hybrid+per-class"][9] == "0.600"
