@@ -166,7 +166,7 @@ def test_a_log_file_gets_one_line_per_epoch_and_no_progress_bars(tmp_path):
     assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == ["1/2", "2/2"]
 
 
-def test_time_left_prices_each_phase_by_its_own_last_epoch():
+def test_time_left_prices_each_phase_by_its_own_recent_epochs():
     from cdmix.engine.console import TimeLeft, left_text
 
     clock = TimeLeft()
@@ -178,6 +178,14 @@ def test_time_left_prices_each_phase_by_its_own_last_epoch():
     assert clock.estimate(phases) == (918.0, 0)
     assert left_text(*clock.estimate(phases)) == "(~15m left at this pace)"
     assert left_text(30.0, 0) is None
+    clock.record("dividemix", 5000.0)  # a paused epoch: with two timed, their median is still high...
+    assert clock.estimate(phases)[0] == 18.0 + 90 * 2505.0
+    for _ in range(2):
+        clock.record("dividemix", 12.0)
+    assert clock.estimate(phases) == (18.0 + 90 * 12.0, 0)  # ...but the median of (10, 5000, 12, 12) is 12
+    for seconds in (20.0, 21.0, 22.0, 23.0, 24.0):
+        clock.record("dividemix", seconds)
+    assert clock.estimate(phases)[0] == 18.0 + 90 * 22.0  # only the last 5 epochs count
 
 
 def test_a_method_that_is_no_classifier_runs_through_the_engine(tmp_path, monkeypatch):

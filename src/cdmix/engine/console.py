@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -31,19 +32,23 @@ def say(text: str) -> None:
 
 class TimeLeft:
     """The time left, from the cost of the phase each remaining epoch belongs to (a DivideMix epoch
-    costs several warm-up epochs): each phase is priced by its last epoch."""
+    costs several warm-up epochs): each phase is priced by the median of its last ``RECENT`` epochs,
+    so one slow epoch (the machine suspended, the process paused) does not multiply the estimate."""
+
+    RECENT = 5
 
     def __init__(self):
-        self.last_seconds: dict[str, float] = {}
+        self.recent: dict[str, list[float]] = {}
 
     def record(self, phase: str | None, seconds: float) -> None:
         if phase is not None:
-            self.last_seconds[phase] = seconds
+            self.recent[phase] = (self.recent.get(phase, []) + [seconds])[-self.RECENT:]
 
     def estimate(self, phases: list[str | None]) -> tuple[float, int]:
         """(seconds for the remaining epochs of phases already timed, how many remaining epochs are
         of a phase not timed yet or not known yet)."""
-        known = [self.last_seconds[p] for p in phases if p in self.last_seconds]
+        price = {phase: statistics.median(seconds) for phase, seconds in self.recent.items()}
+        known = [price[p] for p in phases if p in price]
         return sum(known), len(phases) - len(known)
 
 
