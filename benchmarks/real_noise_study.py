@@ -19,8 +19,8 @@ last 10 epochs, and the best mean over 10 consecutive epochs minus it: one epoch
 1,017 test images moves by about a point), the epochs of any drop of 5+ points from the
 best so far, the clean-selection ROC-AUC (first epoch after warm-up, middle, last), the ranking's
 ROC-AUC and precision@K from label_issues.csv and the epoch whose nets scored it (the best epoch's
-when a run ended collapsed, else the last), minutes per run (its epochs' seconds, a paused epoch counted at its phase's median); the figure: each method's mean test
-accuracy curve over its seeds.
+when a run ended collapsed, else the last), minutes per run (its epochs' seconds, a paused epoch
+counted at its phase's median); the figure: each method's mean test accuracy curve over its seeds.
 """
 
 from __future__ import annotations
@@ -54,7 +54,9 @@ def method_settings(name: str) -> dict:
         from cdmix.config import load_preset
 
         stab = {k: v for k, v in load_preset("hybrid-stable").items() if k.startswith("stab_")}
-        return {"method": "hybrid", **(stab if name == "hybrid-stable" else {STABILISERS[name]: stab[STABILISERS[name]]})}
+        if name in STABILISERS:
+            stab = {STABILISERS[name]: stab[STABILISERS[name]]}
+        return {"method": "hybrid", **stab}
     return {"method": name}
 
 
@@ -160,8 +162,9 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 
 def table(runs: dict[str, list[dict]]) -> str:
-    lines = ["| method | seeds | best | last | best − last | last 10 epochs | best − last, 10-epoch means | drops ≥ 5 pts (epoch) | selection AUC first / mid / "
-             "last | ranking ROC-AUC | precision@K | ranked by the nets of epoch | min/run |",
+    lines = ["| method | seeds | best | last | best − last | last 10 epochs | best − last, 10-epoch means | "
+             "drops ≥ 5 pts (epoch) | selection AUC first / mid / last | ranking ROC-AUC | precision@K | "
+             "ranked by the nets of epoch | min/run |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = [*METHODS, *STABILISERS]
     for name in [m for m in order if m in runs] + [m for m in runs if m not in order]:
