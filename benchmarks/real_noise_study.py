@@ -91,6 +91,9 @@ def archive_run(run_dir: Path, archive: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("metrics.csv", "summary.json", "config.json"):
         shutil.copyfile(run_dir / name, dest / name)
+    with np.load(run_dir / "division.npz") as z:  # the last division, small: float32, compressed
+        np.savez_compressed(dest / "division.npz", **{k: z[k].astype(np.float32) if z[k].dtype == np.float64 else z[k]
+                                                      for k in z.files})
     issues = cdmix.rank_label_issues(run_dir)
     auc, p_at_k = ranking_quality(issues.issue_score, issues.given_label != issues.true_label)
     (dest / "ranking.json").write_text(json.dumps({"ranking_auc": auc, "precision_at_k": p_at_k}) + "\n")
@@ -188,6 +191,35 @@ def table(runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def blend_table(archive: Path, weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> str:
+    """The last division of every archived run that scored both the JS clean likelihood and the loss
+    GMM, re-blended at each weight w (``(1 - w)·GMM + w·JS``, threshold ``(1 - w)·p_threshold + w·tau``,
+    one global threshold): the score's ROC-AUC for the clean samples, and the labeled set's size,
+    precision and recall; then the set the run itself kept (per-class thresholds, when on)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cdmix.selection import blend_clean_prob
+
+    lines = ["| run | JS weight w | score ROC-AUC | labeled | precision | recall |", "|---|---|---|---|---|---|"]
+    for folder in sorted(p for p in archive.iterdir() if (p / "division.npz").is_file()):
+        with np.load(folder / "division.npz") as z:
+            if "gmm_prob" not in z.files or "js_clean_likelihood" not in z.files:
+                continue
+            clean, gmm, js, kept = ~z["is_noisy"].astype(bool), z["gmm_prob"], z["js_clean_likelihood"], z["selected"]
+        config = json.loads((folder / "config.json").read_text())
+        tau = read_rows(folder / "metrics.csv")[-1]["tau_clean"]
+        for w in weights:
+            score = blend_clean_prob(gmm, js, w)
+            chosen = score > (1 - w) * config["p_threshold"] + w * tau
+            lines.append(f"| {folder.name} | {w:g} | {roc_auc_score(clean, score):.3f} | {chosen.sum():,} | "
+                         f"{clean[chosen].mean():.3f} | {chosen[clean].mean():.3f} |")
+        kept = kept.astype(bool)
+        rule = "per-class thresholds" if config.get("stab_per_class_threshold") else "global threshold"
+        lines.append(f"| {folder.name} | as run ({rule}) | - | {kept.sum():,} | {clean[kept].mean():.3f} | "
+                     f"{kept[clean].mean():.3f} |")
+    return "\n".join(lines)
+
+
 def figure(archive: Path, path: Path) -> None:
     """Every method's mean test-accuracy curve over its seeds: ``cdmix compare --plot`` of the archived runs."""
     from cdmix.report.compare import plot_runs
@@ -244,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     text = table(runs)
     figure(archive, archive / "test_accuracy.png")
+    blends = blend_table(archive)
     (archive / "table.md").write_text(f"machine: {platform.machine()}, python {platform.python_version()}\n\n"
-                                      + text + "\n")
-    print(text)
+                                      + text + "\n\nThe last division re-blended (`blend_table`):\n\n" + blends + "\n")
+    print(text + "\n\n" + blends)
     return 0
 
 

@@ -74,3 +74,29 @@ def test_table_rows_average_the_seeds_of_a_method(tmp_path: Path) -> None:
     assert josrc[7] == "s0: 3; s1: 3"  # 44 is 6 below 50, 42 is 6 below 48: a drop at epoch 3
     assert josrc[-1].rstrip(" |") == "26 ± 13"  # 13 epochs x 60 s and x 180 s
     assert rows["hybrid+per-class"][9] == "0.600"
+
+
+def test_blend_table_reblends_the_last_division_at_each_js_weight(tmp_path: Path) -> None:
+    import numpy as np
+
+    folder = tmp_path / "hybrid-stable-s0"
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("epoch,test_acc,tau_clean\n1,40.0,0.5\n2,41.0,0.9\n")  # tau: the last row's
+    (folder / "config.json").write_text(json.dumps({"p_threshold": 0.5, "stab_per_class_threshold": True}))
+    # 4 clean then 2 noisy; the GMM ranks them perfectly, the JS likelihood ranks one noisy sample first
+    noisy = np.array([0, 0, 0, 0, 1, 1], dtype=bool)
+    gmm = np.array([0.9, 0.8, 0.7, 0.6, 0.2, 0.1])
+    js = np.array([0.95, 0.92, 0.5, 0.4, 0.99, 0.3])
+    np.savez(folder / "division.npz", is_noisy=noisy, gmm_prob=gmm, js_clean_likelihood=js,
+             selected=np.array([1, 1, 1, 0, 0, 0], dtype=bool))
+    (tmp_path / "josrc-s0").mkdir()
+    np.savez(tmp_path / "josrc-s0" / "division.npz", is_noisy=noisy, clean_prob=gmm)  # no blend: no rows
+    lines = study.blend_table(tmp_path, weights=(0.0, 1.0)).splitlines()[2:]
+    cells = [line.strip("| ").split(" | ") for line in lines]
+    assert [c[1] for c in cells] == ["0", "1", "as run (per-class thresholds)"]
+    # w = 0: the GMM alone, threshold 0.5: the 4 clean ones, a perfect ranking
+    assert cells[0][2:] == ["1.000", "4", "1.000", "1.000"]
+    # w = 1: the JS likelihood alone (4 of its 8 clean-noisy pairs in order), threshold tau = 0.9:
+    # two clean and one noisy kept
+    assert cells[1][2] == "0.500" and cells[1][3:] == ["3", "0.667", "0.500"]
+    assert cells[2][3:] == ["3", "1.000", "0.750"]
