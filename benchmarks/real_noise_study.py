@@ -101,7 +101,8 @@ def archive_run(run_dir: Path, archive: Path) -> None:
 
 def read_rows(path: Path) -> list[dict[str, float]]:
     with path.open() as fh:
-        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()} for row in csv.DictReader(fh)]
+        return [{k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                for row in csv.DictReader(fh)]
 
 
 def drops(test: list[float]) -> list[int]:
