@@ -347,3 +347,30 @@ def test_compare_plot_averages_the_seeds_of_one_setting(run_dir: Path, tmp_path:
     assert cli.main(["compare", str(runs[0]), "--plot", str(tmp_path / "curves.jpg")]) == 2
     assert cli.main(["compare", str(runs[0]), "--plot", str(runs[0] / "metrics.csv")]) == 2
     assert capsys.readouterr().err.count("error: ") == 2
+
+
+def test_compare_plot_groups_seeds_whose_auto_warmup_or_cdmix_version_differ(run_dir: Path, tmp_path: Path) -> None:
+    """Seeds of one setting stay one curve when their automatic warm-ups end at different epochs (config.json
+    records each run's decision) or when one run was written by an older cdmix (a field it lacks is at its
+    default); a fixed warm-up of another length is another setting."""
+    from cdmix.config import after_warmup_midpoint
+    from cdmix.report.compare import seed_groups
+    from cdmix.report.rundata import load_run
+
+    base = json.loads((run_dir / "config.json").read_text())
+    assert json.loads((run_dir / "summary.json").read_text())["warmup_rule"].startswith("auto")
+    later = after_warmup_midpoint(base["warmup"] + 1, base["epochs"])
+    auto_s1 = _seed_copy(run_dir, tmp_path, 1, 0.0)
+    config = json.loads((auto_s1 / "config.json").read_text())
+    config.update(warmup=base["warmup"] + 1, lr_step=later)  # this seed's warm-up ended one epoch later
+    del config["knn_k"]  # written by a cdmix from before the kNN scores: knn_k at its default
+    (auto_s1 / "config.json").write_text(json.dumps(config))
+    fixed = _seed_copy(run_dir, tmp_path, 2, 0.0, warmup=base["warmup"] + 1, lr_step=later)
+    summary = json.loads((fixed / "summary.json").read_text())
+    (fixed / "summary.json").write_text(json.dumps({**summary, "warmup_rule": "fixed"}))
+    runs = [_seed_copy(run_dir, tmp_path, 0, 0.0), auto_s1, fixed]
+    groups = seed_groups([load_run(p) for p in runs])
+    assert [[r.name for r in members] for _, members in groups] == [["m-s0", "m-s1"], ["other-s2"]]
+    config["knn_k"] = base["knn_k"] + 1  # a setting that differs splits them
+    (auto_s1 / "config.json").write_text(json.dumps(config))
+    assert len(seed_groups([load_run(p) for p in runs[:2]])) == 2

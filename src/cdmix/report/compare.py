@@ -99,15 +99,33 @@ def compare_runs(run_dirs: Sequence[str | Path] | str | Path, markdown: bool = F
     return format_table(rows, markdown=markdown)
 
 
+def run_setting(run: RunData) -> dict[str, Any]:
+    """What makes a run's setting, for :func:`seed_groups`: its config.json without ``NOT_A_SETTING``;
+    a field that an older cdmix did not write counts at its default; an automatic warm-up counts as
+    "auto", not as the length each seed's run decided (nor the lr step that follows from it)."""
+    import json
+    from dataclasses import MISSING, fields
+
+    from cdmix.config import Config, after_warmup_midpoint
+
+    defaults = {f.name: f.default for f in fields(Config) if f.default is not MISSING}
+    settings = {**json.loads(json.dumps(defaults)), **(run.config or {})}
+    warmup = settings.get("warmup")
+    if str(run.summary.get("warmup_rule", "")).startswith("auto") and isinstance(warmup, int):
+        if settings.get("lr_step") == after_warmup_midpoint(warmup, int(settings["epochs"])):
+            settings["lr_step"] = None
+        settings["warmup"] = "auto"
+    return {k: v for k, v in settings.items() if k not in NOT_A_SETTING}
+
+
 def seed_groups(runs_data: list[RunData]) -> list[tuple[str, list[RunData]]]:
-    """Runs whose config.json agrees apart from the seed (and ``NOT_A_SETTING``), in first-seen order,
+    """Runs whose setting (:func:`run_setting`) agrees apart from the seed, in first-seen order,
     each as (label, runs). The label is what the group's run names share, a trailing seed tag
     (``-s``, ``_seed``) cut off (``hybrid-s0`` and ``hybrid-s1``: ``hybrid``); a run without config.json
     is a group of its own."""
     keyed: dict[str, list[RunData]] = {}
     for run in runs_data:
-        settings = {k: v for k, v in (run.config or {}).items() if k not in NOT_A_SETTING}
-        key = repr(sorted(settings.items())) if run.config else f"run:{run.path}"
+        key = repr(sorted(run_setting(run).items())) if run.config else f"run:{run.path}"
         keyed.setdefault(key, []).append(run)
     groups = []
     for members in keyed.values():
