@@ -107,3 +107,18 @@ def test_end_of_training_says_which_nets_ranked_after_warnings_that_did_not_hold
                               test_acc_best=68.89, test_acc_last=51.11))
     out = capsys.readouterr().out
     assert "did not hold" not in out and "nets of epoch 15, its best" in out
+
+
+def test_one_class_caution_when_the_nets_predict_one_class_for_the_rows_shown() -> None:
+    from cdmix.issues import LabelIssues, one_class_caution
+
+    def issues(predicted: list[int]) -> LabelIssues:
+        n = len(predicted)
+        return LabelIssues(index=np.arange(n), given_label=np.zeros(n, dtype=np.int64),
+                           predicted_label=np.array(predicted), clean_prob=np.zeros(n), issue_score=np.ones(n),
+                           true_label=None, predicted_class=np.array(["airplane", "cat", "ship"])[predicted])
+
+    line = one_class_caution(issues([1, 1, 1, 1, 2]))
+    assert line is not None and "'cat' for 4 of these 5 rows" in line
+    assert one_class_caution(issues([1, 1, 1, 2, 2])) is None  # 3 of 5: below 80%
+    assert one_class_caution(issues([1, 1, 1, 1])) is None  # too few rows to say

@@ -192,7 +192,7 @@ def cmd_presets(args) -> int:
 
 
 def cmd_issues(args) -> int:
-    from cdmix.issues import collapse_caution, format_table, rank_label_issues
+    from cdmix.issues import collapse_caution, format_table, one_class_caution, rank_label_issues
     from cdmix.runs import read_summary
     from cdmix.safetext import printable
 
@@ -228,9 +228,10 @@ def cmd_issues(args) -> int:
     if args.html is None and not args.clean_csv or args.top is not None:
         from cdmix.issues import score_note
 
-        table = format_table(rank_label_issues(args.run_dir, top=args.top or 20))
+        shown = rank_label_issues(args.run_dir, top=args.top or 20)
         summary = read_summary(args.run_dir)
-        notes = [line for line in (score_note(summary), collapse_caution(summary)) if line]
+        notes = [line for line in (score_note(summary), collapse_caution(summary), one_class_caution(shown)) if line]
+        table = format_table(shown)
         for line in notes + table:
             print(line)
     return 0

@@ -274,6 +274,23 @@ def score_note(summary: dict) -> str | None:
             "neighbours' weighted majority class; samples whose every neighbour disagrees tie at 1.0")
 
 
+def one_class_caution(issues: LabelIssues, share: float = 0.8) -> str | None:
+    """A line for the user when the nets predict one class for at least ``share`` of the rows shown
+    (5 or more), None otherwise: then the "predicted" column says what the nets learned, not what
+    the files show, and is no relabelling suggestion."""
+    if len(issues) < 5:
+        return None
+    classes, counts = np.unique(issues.predicted_label, return_counts=True)
+    top = int(np.argmax(counts))
+    if counts[top] < share * len(issues):
+        return None
+    name = str(issues.predicted_class[issues.predicted_label == classes[top]][0]) if issues.predicted_class is not None \
+        else str(classes[top])
+    return (f"caution: the nets predict '{name}' for {counts[top]} of these {len(issues)} rows: they have not learned "
+            "the classes apart, so 'predicted' is no relabelling suggestion (more --epochs, --method standard or a "
+            "pretrained backbone; README: 'Your own data')")
+
+
 def collapse_caution(summary: dict, drop: float = 10.0) -> str | None:
     """A line for the user when the run collapsed and did not recover, None otherwise.
 
