@@ -118,7 +118,7 @@ def test_one_class_caution_when_the_nets_predict_one_class_for_the_rows_shown() 
                            predicted_label=np.array(predicted), clean_prob=np.zeros(n), issue_score=np.ones(n),
                            true_label=None, predicted_class=np.array(["airplane", "cat", "ship"])[predicted])
 
-    line = one_class_caution(issues([1, 1, 1, 1, 2]))
-    assert line is not None and "'cat' for 4 of these 5 rows" in line
-    assert one_class_caution(issues([1, 1, 1, 2, 2])) is None  # 3 of 5: below 80%
-    assert one_class_caution(issues([1, 1, 1, 1])) is None  # too few rows to say
+    line = one_class_caution(issues([1] * 8 + [2, 0]))
+    assert line is not None and "'cat' for 8 of these 10 rows" in line
+    assert one_class_caution(issues([1] * 7 + [2, 0, 2])) is None  # 7 of 10: below 80%
+    assert one_class_caution(issues([1] * 9)) is None  # too few rows to say

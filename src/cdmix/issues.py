@@ -274,11 +274,11 @@ def score_note(summary: dict) -> str | None:
             "neighbours' weighted majority class; samples whose every neighbour disagrees tie at 1.0")
 
 
-def one_class_caution(issues: LabelIssues, share: float = 0.8) -> str | None:
+def one_class_caution(issues: LabelIssues, share: float = 0.8, min_rows: int = 10) -> str | None:
     """A line for the user when the nets predict one class for at least ``share`` of the rows shown
-    (5 or more), None otherwise: then the "predicted" column says what the nets learned, not what
+    (``min_rows`` or more: fewer say little), None otherwise: then the "predicted" column says what the nets learned, not what
     the files show, and is no relabelling suggestion."""
-    if len(issues) < 5:
+    if len(issues) < min_rows:
         return None
     classes, counts = np.unique(issues.predicted_label, return_counts=True)
     top = int(np.argmax(counts))
