@@ -13,6 +13,7 @@ finished one. A finished run's ``metrics.csv``, ``summary.json`` and ranking fig
     python benchmarks/real_noise_study.py --report          # table + figure from the archive
     python benchmarks/real_noise_study.py --methods hybrid+per-class --seeds 0   # one stabiliser alone
     python benchmarks/real_noise_study.py --methods dividemix --seeds 0 --set pretrained=ENC --tag encoder
+    python benchmarks/real_noise_study.py --teachers WORK/hybrid-s0 WORK/hybrid-stable-s0   # the EMA teachers
 
 The table: best and last test accuracy, best - last, the same with 10-epoch means (the mean of the
 last 10 epochs, and the best mean over 10 consecutive epochs minus it: one epoch's accuracy on
@@ -221,6 +222,58 @@ def blend_table(archive: Path, weights: tuple[float, ...] = (0.0, 0.25, 0.5, 0.7
     return "\n".join(lines)
 
 
+def teacher_stats(logits: np.ndarray, given: np.ndarray, true: np.ndarray, temperature: float) -> dict[str, float]:
+    """What a hybrid's teachers tell the nets, from their averaged logits (N x C): the mean top
+    probability before and after the pseudo-labels' sharpening (``p ** (1/T)`` renormalised), how often
+    the argmax is the given label and the true one, and on the wrongly labeled images how often it
+    follows the wrong label and how often it finds the true one."""
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    sharp = p ** (1.0 / temperature)
+    sharp /= sharp.sum(1, keepdims=True)
+    guess, wrong = p.argmax(1), given != true
+    return {"confidence": float(p.max(1).mean()), "sharpened": float(sharp.max(1).mean()),
+            "agrees_given": float((guess == given).mean()), "accuracy": float((guess == true).mean()),
+            "wrong_follows_given": float((guess[wrong] == given[wrong]).mean()),
+            "wrong_finds_true": float((guess[wrong] == true[wrong]).mean())}
+
+
+def teacher_table(run_dirs: list[Path], batch: int = 128) -> str:
+    """``teacher_stats`` of each hybrid run's EMA teachers in its best.pt and checkpoint.pt (the best and
+    the last epoch), on the training images without augmentation, forwarded as training does
+    (``teacher_logits``: train-mode BN, here batches of ``batch`` in a seeded order)."""
+    import torch
+
+    from cdmix.methods.averaging import teacher_logits
+    from cdmix.models import create_model
+    from cdmix.runs import load_checkpoint
+
+    lines = ["| run | epoch | teacher top prob | sharpened (T) | agrees with the given label | accuracy (true labels) | "
+             "wrong labels: follows the given | wrong labels: finds the true |", "|---|---|---|---|---|---|---|---|"]
+    for run in map(Path, run_dirs):
+        spec = json.loads((run / "model.json").read_text())
+        config = json.loads((run / "config.json").read_text())
+        with np.load(config["data_path"]) as data:
+            images, given, true = data["train_images"], data["train_labels"], data["train_true_labels"]
+        x = (torch.from_numpy(images).float().div(255) - torch.tensor(spec["mean"])) / torch.tensor(spec["std"])
+        x = x.permute(0, 3, 1, 2).contiguous()
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config["seed"]))
+        for name in ("best.pt", "checkpoint.pt"):
+            state = load_checkpoint(run / name)
+            logits = torch.zeros(len(x), spec["num_classes"])
+            for sd in state["method"]["extra"]["teachers"]:
+                teacher = create_model(spec["model"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
+                                       width=spec["width"])
+                teacher.load_state_dict(sd)
+                for chunk in order.split(batch):
+                    logits[chunk] += teacher_logits(teacher, x[chunk]) / len(state["method"]["extra"]["teachers"])
+            st = teacher_stats(logits.numpy(), given, true, config["temperature"])
+            lines.append(f"| {run.name} | {state['epoch'] + 1} | {st['confidence']:.3f} | {st['sharpened']:.3f} "
+                         f"({config['temperature']:g}) | {st['agrees_given']:.3f} | {st['accuracy']:.3f} | "
+                         f"{st['wrong_follows_given']:.3f} | {st['wrong_finds_true']:.3f} |")
+    return "\n".join(lines)
+
+
 def figure(archive: Path, path: Path) -> None:
     """Every method's mean test-accuracy curve over its seeds: ``cdmix compare --plot`` of the archived runs."""
     from cdmix.report.compare import plot_runs
@@ -249,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="appended to the run folders' method name (+TAG), e.g. "
                         "--tag encoder with --set pretrained=ENC, so those runs are rows of their own")
     parser.add_argument("--report", action="store_true", help="only the table and figure from the archive")
+    parser.add_argument("--teachers", nargs="+", metavar="RUN_DIR",
+                        help="only the EMA teachers' table (teacher_table) of these hybrid run folders")
     args = parser.parse_args(argv)
+    if args.teachers:
+        print(teacher_table(args.teachers))
+        return 0
     archive, work = Path(args.archive), Path(args.work)
     if args.set and not args.tag:
         raise SystemExit("--set changes the runs: give --tag too, so they neither resume nor replace the plain ones")

@@ -100,3 +100,46 @@ def test_blend_table_reblends_the_last_division_at_each_js_weight(tmp_path: Path
     # two clean and one noisy kept
     assert cells[1][2] == "0.500" and cells[1][3:] == ["3", "0.667", "0.500"]
     assert cells[2][3:] == ["3", "1.000", "0.750"]
+
+
+def test_teacher_stats_of_hand_made_logits() -> None:
+    import numpy as np
+
+    # 4 images, 2 classes; the teacher says class 0 for the first three, class 1 for the last
+    logits = np.array([[2.0, 0.0], [2.0, 0.0], [1.0, 0.0], [0.0, 3.0]])
+    given = np.array([0, 1, 1, 1])
+    # image 1 is wrongly labeled 1 (the teacher finds its true 0); image 2 is labeled right, the teacher misses it
+    true = np.array([0, 0, 1, 1])
+    st = study.teacher_stats(logits, given, true, temperature=0.5)
+    p0 = 1 / (1 + np.exp(-2.0))
+    assert st["confidence"] == pytest.approx((2 * p0 + 1 / (1 + np.exp(-1.0)) + 1 / (1 + np.exp(-3.0))) / 4)
+    # sharpening with T = 0.5 squares and renormalises: it raises the top probability
+    assert st["sharpened"] > st["confidence"]
+    assert st["agrees_given"] == pytest.approx(2 / 4) and st["accuracy"] == pytest.approx(3 / 4)
+    assert st["wrong_follows_given"] == 0.0 and st["wrong_finds_true"] == 1.0
+
+
+def test_teacher_table_reads_the_best_and_last_teachers_of_a_real_hybrid_run(tmp_path: Path, capsys) -> None:
+    import numpy as np
+
+    import cdmix
+
+    rng = np.random.default_rng(0)
+    true = np.repeat(np.arange(3), 20)
+    given = np.where(rng.random(60) < 0.3, (true + 1) % 3, true)
+    images = (rng.random((60, 8, 8, 3)) * 60 + true[:, None, None, None] * 60).astype(np.uint8)
+    data = tmp_path / "d.npz"
+    np.savez(data, train_images=images, train_labels=given, train_true_labels=true, test_images=images[:15],
+             test_labels=true[:15])
+    run = tmp_path / "hybrid-s0"
+    cdmix.train(cdmix.Config(dataset="npz", data_path=str(data), method="hybrid", model="preact_resnet18",
+                             width=2, epochs=3, warmup=1, batch_size=16, val_fraction=0.0, out=str(run),
+                             progress=False, device="cpu"))
+    assert study.main(["--teachers", str(run)]) == 0
+    out = capsys.readouterr().out  # the training's own lines first, then the table
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| hybrid-s0 |")]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r[1] for r in rows] == [str(summary["test_acc_best_epoch"]), "3"]  # best.pt, then checkpoint.pt
+    for r in rows:
+        top, sharpened = float(r[2]), float(r[3].split()[0])
+        assert 1 / 3 <= top <= sharpened <= 1.0 and 0.0 <= float(r[5]) <= 1.0
