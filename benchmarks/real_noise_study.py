@@ -244,29 +244,28 @@ def teacher_table(run_dirs: list[Path], batch: int = 128) -> str:
     (``teacher_logits``: train-mode BN, here batches of ``batch`` in a seeded order)."""
     import torch
 
+    from cdmix.data.batches import DeviceImages
     from cdmix.methods.averaging import teacher_logits
-    from cdmix.models import create_model
+    from cdmix.predict import load_model
     from cdmix.runs import load_checkpoint
 
     lines = ["| run | epoch | teacher top prob | sharpened (T) | agrees with the given label | accuracy (true labels) | "
              "wrong labels: follows the given | wrong labels: finds the true |", "|---|---|---|---|---|---|---|---|"]
     for run in map(Path, run_dirs):
-        spec = json.loads((run / "model.json").read_text())
+        model = load_model(run)  # the run's nets, rebuilt from model.json; the teachers' weights go into them
         config = json.loads((run / "config.json").read_text())
         with np.load(config["data_path"]) as data:
             images, given, true = data["train_images"], data["train_labels"], data["train_true_labels"]
-        x = (torch.from_numpy(images).float().div(255) - torch.tensor(spec["mean"])) / torch.tensor(spec["std"])
-        x = x.permute(0, 3, 1, 2).contiguous()
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(config["seed"]))
+        device_images = DeviceImages(model.prepare(images), model.mean, model.std, "cpu")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config["seed"]))
         for name in ("best.pt", "checkpoint.pt"):
             state = load_checkpoint(run / name)
-            logits = torch.zeros(len(x), spec["num_classes"])
-            for sd in state["method"]["extra"]["teachers"]:
-                teacher = create_model(spec["model"], num_classes=spec["num_classes"], in_channels=spec["in_channels"],
-                                       width=spec["width"])
-                teacher.load_state_dict(sd)
+            teachers = state["method"]["extra"]["teachers"]
+            logits = torch.zeros(len(images), len(model.class_names))
+            for net, sd in zip(model.nets, teachers):
+                net.load_state_dict(sd)
                 for chunk in order.split(batch):
-                    logits[chunk] += teacher_logits(teacher, x[chunk]) / len(state["method"]["extra"]["teachers"])
+                    logits[chunk] += teacher_logits(net, device_images.batch(chunk, augment=False)) / len(teachers)
             st = teacher_stats(logits.numpy(), given, true, config["temperature"])
             lines.append(f"| {run.name} | {state['epoch'] + 1} | {st['confidence']:.3f} | {st['sharpened']:.3f} "
                          f"({config['temperature']:g}) | {st['agrees_given']:.3f} | {st['accuracy']:.3f} | "
