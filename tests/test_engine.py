@@ -27,9 +27,19 @@ TINY_FIXED_WARMUP = ["--epochs", "6", "--warmup", "2", "--width", "8", "--no-pro
 
 
 def _cdmix(*args, **kwargs):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")  # SIGABRT prints every thread's stack
     return subprocess.Popen([sys.executable, "-m", "cdmix", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
+
+
+def _output(proc, timeout: float) -> str:
+    """The process's output once it exits; a process still running after ``timeout`` seconds is
+    aborted, and the test fails with the stacks of all its threads (where it hung)."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        pytest.fail(f"no exit within {timeout} s; its threads:\n{proc.communicate(timeout=60)[0][-6000:]}")
 
 
 def _rows(run_dir: Path):
@@ -61,7 +71,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, method):
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
     assert len(_rows(killed)) < 6
     resumed = _cdmix("resume", str(killed))
-    out = resumed.communicate(timeout=300)[0]
+    out = _output(resumed, 300)
     assert resumed.returncode == 0, out
     assert "resuming" in out
     a, b = _rows(straight), _rows(killed)
@@ -85,13 +95,13 @@ def test_sigint_saves_and_exits_cleanly(tmp_path):
     proc = _cdmix("train", *TINY, "--out", str(run), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_rows(run, 2, proc)
     proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
+    out = _output(proc, 120)
     assert proc.returncode == 130, out
     assert "cdmix resume" in out and "Traceback" not in out
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert 0 <= state["epoch"] < 5
     resumed = _cdmix("resume", str(run))
-    out = resumed.communicate(timeout=300)[0]
+    out = _output(resumed, 300)
     assert resumed.returncode == 0, out
     assert runs.read_summary(run)["epochs_done"] == 6
 
