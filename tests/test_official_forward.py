@@ -87,7 +87,7 @@ def test_all_rows_forward_differs_and_is_the_cifar_default(train_set):
     for mode in ("all", "labeled"):
         method = make(train_set, mix_forward=mode)
         idx_x, idx_u, weights, ctx = batch_of(method)
-        losses[mode] = float(method.loss_parts(0, 1, idx_x, idx_u, weights, 0.0, ctx)[3])
+        losses[mode] = method.loss_parts(0, 1, idx_x, idx_u, weights, 0.0, ctx)[3].item()
     assert losses["all"] != pytest.approx(losses["labeled"], rel=1e-4)
 
 
