@@ -68,7 +68,8 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, method):
     _wait_rows(killed, 3, proc_k)
     proc_k.send_signal(signal.SIGKILL)
     proc_k.wait()
-    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    out = _output(proc, 300)
+    assert proc.returncode == 0, out
     assert len(_rows(killed)) < 6
     resumed = _cdmix("resume", str(killed))
     out = _output(resumed, 300)
